@@ -1,0 +1,1 @@
+"""diffusion-alignment-bench: the harness (CLI, config, runner, diffusion core, tasks)."""

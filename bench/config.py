@@ -1,0 +1,294 @@
+"""Run configuration: frozen dataclasses, layered overrides, validation before anything is written.
+
+Layers, later wins: dataclass defaults (the single source of each field's meaning) <- the task's
+preset YAML (`bench/configs/tasks/<task>.yaml`: settings for all methods, then per method) <- a
+suite entry or `--config FILE` <- `--set key=value`.
+
+Keys: `alpha`, `reward`, `method.<field>`, `task.<field>`, `sampler.<field>`, `train.<field>`.
+Values are coerced to the field's type; unknown keys and bad values fail with one line that lists
+what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from bench.cache import config_hash
+from bench.errors import BenchError
+from bench.registry import METHODS, REWARDS, TASKS
+from bench.tasks.base import SamplerConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The runner's loop."""
+
+    iterations: int = 400
+    "number of method.train_step() calls"
+    eval_every: int = 100
+    "evaluate every this many iterations (0: only at the start and the end)"
+    eval_samples: int = 1024
+    "samples per prompt at periodic evaluations"
+    final_eval_samples: int = 4096
+    "samples per prompt at the final evaluation"
+    checkpoint_every: int = 100
+    "write a resumable checkpoint every this many iterations"
+    query_budget: int = 0
+    "maximum training-reward (oracle) queries; 0 = unlimited"
+    plot: bool = True
+    "write a PNG of final samples against the target"
+
+    def __post_init__(self) -> None:
+        for f in ("iterations", "eval_samples", "final_eval_samples", "checkpoint_every"):
+            if getattr(self, f) < 1:
+                raise BenchError(f"train.{f} must be >= 1, got {getattr(self, f)}")
+        for f in ("eval_every", "query_budget"):
+            if getattr(self, f) < 0:
+                raise BenchError(f"train.{f} must be >= 0, got {getattr(self, f)}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run = (task, method, reward, α, seed) plus every setting, resolved."""
+
+    task: str
+    method: str
+    reward: str
+    alpha: float
+    seed: int
+    task_cfg: Any
+    method_cfg: Any
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "method": self.method,
+            "reward": self.reward,
+            "alpha": self.alpha,
+            "seed": self.seed,
+            "task_cfg": asdict(self.task_cfg),
+            "method_cfg": asdict(self.method_cfg),
+            "sampler": asdict(self.sampler),
+            "train": asdict(self.train),
+        }
+
+    def hash(self) -> str:
+        """Hash of everything but the seed (runs that differ only in seed share it)."""
+        d = self.to_dict()
+        d.pop("seed")
+        return config_hash(d)[:8]
+
+    def run_name(self) -> str:
+        return f"{self.reward}_a{self.alpha:g}_s{self.seed}_{self.hash()}"
+
+
+# ---- coercion and overrides ---------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (tuple, list):
+        inner = (typing.get_args(typ) or (str,))[0]
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",") if v.strip()]
+        try:
+            return tuple(_coerce(v, inner, key) for v in value)
+        except TypeError:
+            raise BenchError(f"{key} expects a list, got {value!r}") from None
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("true", "1", "yes", "on"):
+                return True
+            if s in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        name = getattr(typ, "__name__", str(typ))
+        raise BenchError(f"{key} expects {name}, got {value!r}") from None
+    return value
+
+
+def apply_dict(obj: Any, overrides: dict[str, Any], prefix: str) -> Any:
+    """A copy of dataclass `obj` with `overrides` (field -> value) applied and validated."""
+    if not overrides:
+        return obj
+    types_ = _field_types(type(obj))
+    names = [f.name for f in fields(obj)]
+    kwargs = {}
+    for k, v in overrides.items():
+        if k not in names:
+            raise BenchError(f"unknown key {prefix}{k}; {prefix.rstrip('.') or 'top-level'} keys: {', '.join(prefix + n for n in names)}")
+        kwargs[k] = _coerce(v, types_[k], prefix + k)
+    try:
+        return replace(obj, **kwargs)
+    except BenchError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise BenchError(f"invalid {prefix.rstrip('.')} settings: {e}") from None
+
+
+def parse_sets(items: Iterable[str]) -> dict[str, Any]:
+    """["method.lr=1e-3", "alpha=0.3"] -> {"method": {"lr": "1e-3"}, "alpha": "0.3"}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise BenchError(f"malformed --set {item!r}: expected key=value, e.g. method.lr=1e-3 or alpha=0.3")
+        key, value = (s.strip() for s in item.split("=", 1))
+        parts = key.split(".")
+        if len(parts) > 2:
+            raise BenchError(f"malformed --set key {key!r}: use alpha, reward, or <section>.<field> with section in method, task, sampler, train")
+        if len(parts) == 2:
+            out.setdefault(parts[0], {})[parts[1]] = value
+        else:
+            out[key] = value
+    return out
+
+
+SECTIONS = ("method", "task", "sampler", "train")
+TOP_LEVEL = ("alpha", "reward")
+
+
+def merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge nested override dicts (later wins)."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for k, v in (layer or {}).items():
+            if isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k] = {**out[k], **v}
+            else:
+                out[k] = dict(v) if isinstance(v, dict) else v
+    return out
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise BenchError(f"config file {str(path)!r} not found") from None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BenchError(f"malformed YAML in {path}: {first}") from None
+    if not isinstance(data, dict):
+        raise BenchError(f"malformed config {path}: expected a mapping at the top level")
+    return data
+
+
+def task_preset(task: str, method: str) -> dict[str, Any]:
+    """The shipped preset for (task, method): the file's shared part merged with its method part."""
+    path = CONFIG_DIR / "tasks" / f"{task}.yaml"
+    if not path.exists():
+        return {}
+    data = load_yaml(path)
+    per_method = data.pop("methods", {}) or {}
+    return merge(data, per_method.get(method, {}))
+
+
+def check_layer(layer: dict[str, Any], where: str) -> None:
+    for k, v in layer.items():
+        if k in SECTIONS:
+            if not isinstance(v, dict):
+                raise BenchError(f"{where}: '{k}' must be a mapping of {k} fields")
+        elif k not in TOP_LEVEL:
+            raise BenchError(f"{where}: unknown key {k!r}; accepted: {', '.join(TOP_LEVEL + SECTIONS)}")
+
+
+def resolve(task: str, method: str, seed: int, alpha: float | None = None, reward: str | None = None, layers: Iterable[dict[str, Any]] = ()) -> RunConfig:
+    """Build and validate one RunConfig. Raises BenchError (one line) on any bad input."""
+    task = TASKS.canonical(task)
+    method = METHODS.canonical(method)
+    task_cls = TASKS.get(task)
+    method_cls = METHODS.get(method)
+    layers = [task_preset(task, method), *layers]
+    for i, layer in enumerate(layers):
+        check_layer(layer, "preset" if i == 0 else "override")
+    merged = merge(*layers)
+    if alpha is not None:
+        merged["alpha"] = alpha
+    if reward is not None:
+        merged["reward"] = reward
+    task_cfg = apply_dict(task_cls.Config(), merged.get("task", {}), "task.")
+    method_cfg = apply_dict(method_cls.Config(), merged.get("method", {}), "method.")
+    sampler = apply_dict(task_cls.sampler_defaults, merged.get("sampler", {}), "sampler.")
+    train = apply_dict(TrainConfig(), merged.get("train", {}), "train.")
+    a = _coerce(merged.get("alpha", task_cls.default_alpha), float, "alpha")
+    if not a > 0:
+        raise BenchError(f"alpha must be > 0 (the KL weight in nats), got {a}")
+    r = str(merged.get("reward", task_cls.default_reward))
+    r = REWARDS.canonical(r) if r in REWARDS else r
+    accepted = task_cls.rewards
+    if r not in accepted:
+        raise BenchError(f"task {task} has no reward {r!r}; its rewards: {', '.join(accepted)}")
+    if method_cls.needs_reward_grad:
+        entry = REWARDS.entry(r) if r in REWARDS else None
+        cls_ = entry.obj if entry else None
+        if cls_ is not None and getattr(cls_, "differentiable", True) is False:
+            raise BenchError(f"method {method} needs a differentiable reward, but {r!r} is not; use a method that only queries rewards (e.g. ddpo)")
+    return RunConfig(task, method, r, a, int(seed), task_cfg, method_cfg, sampler, train)
+
+
+def config_from_dict(d: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from `RunConfig.to_dict()` (e.g. a run folder's config.json)."""
+    task_cls, method_cls = TASKS.get(d["task"]), METHODS.get(d["method"])
+    return RunConfig(
+        d["task"], d["method"], d["reward"], float(d["alpha"]), int(d["seed"]),
+        apply_dict(task_cls.Config(), d["task_cfg"], "task."),
+        apply_dict(method_cls.Config(), d["method_cfg"], "method."),
+        apply_dict(SamplerConfig(), d["sampler"], "sampler."),
+        apply_dict(TrainConfig(), d["train"], "train."),
+    )
+
+
+def dump_json(obj: Any, path: Path) -> None:
+    """Atomic JSON write (temporary file + rename)."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if is_dataclass(o):
+        return dataclasses.asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)

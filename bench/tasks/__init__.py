@@ -1,0 +1,3 @@
+"""Tasks. Importing this package registers every built-in task in `bench.registry.TASKS`."""
+
+from bench.tasks import gmm  # noqa: F401

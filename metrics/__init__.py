@@ -1,0 +1,3 @@
+"""Metrics. Importing this package registers every built-in metric in `bench.registry.METRICS`."""
+
+from metrics import ground_truth  # noqa: F401
