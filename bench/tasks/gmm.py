@@ -20,12 +20,14 @@ Tasks:
               linear reward with equal in-plane and off-plane parts. Off-plane distance is exact
               unnaturalness.
 * gmm-trap    ring8 base; trained on a hackable proxy (bump at the empty centre, or a learned MLP),
-              judged by the gold ring reward.
+              judged by the gold ring reward. Online black-box setting: the `gold-oracle` reward is
+              the gold reward plus N(0, σ²) label noise (σ = task.oracle_noise), queried under a budget.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -40,8 +42,9 @@ from bench.diffusion import NoiseSchedule, ode_x0
 from bench.errors import BenchError
 from bench.gmm import GaussianMixture, GridTarget, Quadrature, QuadraticForm, TiltedMixture, grid, ring
 from bench.nets import TimeMLP
-from bench.registry import TASKS
+from bench.registry import REWARDS, TASKS
 from bench.tasks.base import Backbone, SamplerConfig, Task
+from rewards.base import Reward
 from rewards.gmm import BumpProxyReward, LearnedProxyReward, LinearReward, MixtureClassifierReward, QuadraticReward
 
 
@@ -65,6 +68,8 @@ class GMMConfig:
     "pretraining learning rate of the learned base"
     learned_seed: int = 0
     "seed of the learned base's pretraining (the base is part of the task, not of the run)"
+    oracle_noise: float = 0.1
+    "std σ of the Gaussian label noise of gmm-trap's gold-oracle reward (the online black-box setting; SEIKO's 0.1)"
 
     def __post_init__(self) -> None:
         if self.base not in ("analytic", "learned"):
@@ -72,6 +77,8 @@ class GMMConfig:
         for f in ("hidden", "layers", "cm_steps", "learned_iterations", "learned_batch"):
             if getattr(self, f) < 1:
                 raise BenchError(f"task.{f} must be >= 1, got {getattr(self, f)}")
+        if not self.oracle_noise >= 0:
+            raise BenchError(f"task.oracle_noise must be >= 0, got {self.oracle_noise}")
 
 
 def toy_schedule() -> NoiseSchedule:
@@ -161,7 +168,7 @@ def train_learned_base(mixture: GaussianMixture, schedule: NoiseSchedule, cfg: G
             loss.backward()
             opt.step()
             sched.step()
-        return {"state_dict": net.state_dict(), "final_loss": float(loss)}
+        return {"state_dict": net.state_dict(), "final_loss": float(loss.detach())}
 
     art = cached("gmm-learned-base", key, build)
     net = TimeMLP(mixture.dim, cond_dim, cfg.hidden, cfg.layers + 1)
@@ -249,6 +256,13 @@ class GMMTask(Task):
     def gold_reward(self) -> str | None:
         """Name of the gold reward when training on a proxy (trap task)."""
         return None
+
+    def proxy_features(self, x: Tensor) -> Tensor:
+        """Features [N, F] that the online methods' proxy reward is fitted on (methods/proxy.py),
+        differentiable in the decoded samples x [N, d]. For points these are the raw coordinates:
+        the proxy MLP is non-linear itself, and fixed random Fourier features would only add a
+        bandwidth choice that decides in advance how the proxy extrapolates off the data."""
+        return x.flatten(1)
 
     def plot_samples(self, samples: dict[str, Tensor], reward: str, alpha: float, path: Path, title: str) -> None:
         from bench.plots import plot_2d_samples
@@ -403,6 +417,43 @@ class Sub64Task(GMMTask):
 TRAP_CENTER = (0.0, 0.0)
 
 
+def _label_noise(x: Tensor, salt: bytes) -> Tensor:
+    """N(0, 1) per sample [N], a fixed function of the sample's float32 bytes: two 53-bit
+    uniforms from the row's keyed blake2b digest, then Box–Muller. A query's noise is thus
+    reproducible with no generator state to checkpoint (resume, evaluation and training see the
+    same label for the same point), and distinct points get independent draws; repeating a query
+    at exactly the same point repeats its label."""
+    rows = x.detach().to("cpu", torch.float32).contiguous().flatten(1).numpy()
+    bits = []
+    for row in rows:
+        h = hashlib.blake2b(row.tobytes(), digest_size=16, key=salt).digest()
+        bits.append((int.from_bytes(h[:8], "little") >> 11, int.from_bytes(h[8:], "little") >> 11))
+    u = torch.tensor(bits, dtype=torch.float64).reshape(-1, 2) / 2.0**53
+    u[:, 0] += 0.5 / 2.0**53  # in (0, 1): the log below stays finite
+    z = torch.sqrt(-2.0 * torch.log(u[:, 0])) * torch.cos(2.0 * math.pi * u[:, 1])
+    return z.to(x.device, x.dtype)
+
+
+@REWARDS.register("gold-oracle", modality="vector", doc="gmm-trap's black-box oracle: gold ring reward + N(0, σ²) label noise (not differentiable)")
+class GoldOracleReward(Reward):
+    """The online black-box setting's oracle (SEIKO, Uehara et al. 2024; SQDF's BBO): the gold
+    reward plus Gaussian label noise, queried under a budget and never differentiated. Its
+    expectation is the gold reward, so its KL-regularized target is the gold target."""
+
+    name = "gold-oracle"
+    version = 1
+    differentiable = False
+
+    def __init__(self, gold: QuadraticForm, noise: float) -> None:
+        self.gold = gold
+        self.noise = float(noise)
+
+    def score(self, x: Tensor, prompts: Sequence[str]) -> Tensor:
+        with torch.no_grad():
+            y = self.gold(x.detach())
+            return y + self.noise * _label_noise(x, b"gold-oracle") if self.noise > 0 else y
+
+
 @TASKS.register("gmm-trap", doc="ring8 base trained on a hackable proxy (bump or learned MLP), judged by the gold ring reward")
 class TrapTask(Ring8Task):
     name = "gmm-trap"
@@ -414,7 +465,7 @@ class TrapTask(Ring8Task):
     bump_height = 3.0
     bump_width = 0.5
 
-    rewards = ("bump-proxy", "learned-proxy", "quadratic")
+    rewards = ("bump-proxy", "learned-proxy", "quadratic", "gold-oracle")
 
     def gold_reward(self) -> str | None:
         return "quadratic"
@@ -430,7 +481,13 @@ class TrapTask(Ring8Task):
             return BumpProxyReward(RING_REWARD, TRAP_CENTER, self.bump_height, self.bump_width)
         if name == "learned-proxy":
             return self._learned_proxy
+        if name == "gold-oracle":
+            return GoldOracleReward(RING_REWARD, self.cfg.oracle_noise)
         raise BenchError(f"task {self.name} has no reward {name!r}; its rewards: {', '.join(self.rewards)}")
+
+    def target(self, reward: str, alpha: float, prompt: str) -> Any:
+        """The gold-oracle's target is the gold reward's (its label noise has mean zero)."""
+        return super().target("quadratic" if reward == "gold-oracle" else reward, alpha, prompt)
 
     def trap_region(self, x: Tensor) -> Tensor:
         """Samples within 2 bump widths of the bump's centre (where the proxy, not the gold reward, is high)."""
