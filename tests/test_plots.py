@@ -1,0 +1,151 @@
+"""Figures (`bench plot`, bench/plots.py:make_figures): held-out metrics vs training reward (Fig. 3),
+α-sweep fronts with the exact front (Fig. 4), learning curves with seed bands, sample grids. The
+files are opened and checked (PNG/PDF signatures, size, image shape) and every figure's axes are
+read back before it is saved."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
+import pytest
+from typer.testing import CliRunner
+
+import bench.plots as plots
+from bench.cli import app
+from bench.config import resolve
+from bench.evaluation import EvalContext, closed_form_row
+from bench.registry import METRICS
+from bench.runner import build_task, run_dir
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def check_file(path: Path) -> None:
+    data = path.read_bytes()
+    assert len(data) > 3000, f"{path} is nearly empty"
+    if path.suffix == ".png":
+        assert data[:8] == PNG
+        img = mpimg.imread(str(path))
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+        assert img[..., :3].std() > 0.01, "a blank image"
+    else:
+        assert data[:5] == b"%PDF-" and data.rstrip().endswith(b"%%EOF")
+
+
+def fake_runs(root: Path) -> None:
+    """2 methods × 2 α × 2 seeds of gmm-ring8 with synthetic metrics, evaluation logs and sample images."""
+    for m_i, method in enumerate(("draft", "sqdf")):
+        for alpha in (1.0, 0.3):
+            for seed in (0, 1):
+                cfg = resolve("gmm-ring8", method, seed, alpha=alpha, layers=[{"train": {"final_eval_samples": 32, "eval_samples": 32}}])
+                d = run_dir(root, cfg)
+                d.mkdir(parents=True)
+                (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+                shift = 0.3 * m_i + 0.05 * seed + (0.5 if alpha < 1 else 0.0)
+                evals = []
+                for k, it in enumerate((0, 50, 100)):
+                    evals.append({"iteration": it, "eval/reward": -8.0 + 3 * k + shift, "eval/path_kl": 0.6 * k + shift, "eval/gap": 5.0 - 2 * k,
+                                  "eval/mode_tv": 0.7 - 0.2 * k, "eval/mode_recall": 0.5, "eval/log_p_pre": -3.5 - 0.1 * k,
+                                  "eval/off_manifold": 0.01 * k, "eval/mmd": 1.0 - 0.3 * k})
+                (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+                last = {k.split("/", 1)[1]: v for k, v in evals[-1].items() if k.startswith("eval/")}
+                (d / "final.json").write_text(json.dumps({
+                    "schema": 1, "run": d.name, "task": {"name": "gmm-ring8", "version": 1, "config": asdict(cfg.task_cfg)},
+                    "method": {"name": method, "version": 1, "paper": "", "config": asdict(cfg.method_cfg)},
+                    "reward": {"name": "quadratic", "version": 1}, "alpha": alpha, "seed": seed, "sampler": asdict(cfg.sampler),
+                    "train": asdict(cfg.train), "config_hash": cfg.hash(), "iterations": 100, "metrics": last,
+                    "eval": {"samples_per_prompt": 32, "prompt_sets": {"train": [""]}, "prompt_set_hash": "0000"},
+                    "budget": {"reward_queries": 100, "denoiser_calls": 1000}, "time": {"total": 1.0}}))
+                fig, ax = plt.subplots(figsize=(3, 3))
+                ax.scatter([0, 1, 2], [seed, 2, m_i], c="tab:red")
+                ax.set_title(f"{method} {seed}")
+                fig.savefig(d / "samples.png")
+                plt.close(fig)
+
+
+def test_exact_front_is_the_closed_form_and_monotone() -> None:
+    cfg = resolve("gmm-ring8", "draft", 0)
+    task = build_task("gmm-ring8", cfg.task_cfg)
+    alphas = [3.0, 1.0, 0.3, 0.1]
+    front = plots.exact_front(task, "quadratic", "path_kl", "reward", alphas)
+    assert front is not None and len(front) == 4
+    kl, r = zip(*front)
+    # a smaller KL weight buys more reward for more KL: both increase as α decreases
+    assert all(a < b for a, b in zip(kl, kl[1:])) and all(a < b for a, b in zip(r, r[1:]))
+    row = closed_form_row(EvalContext(task, "quadratic", 1.0), ["path_kl", "reward"])
+    assert front[1] == (row["path_kl"], row["reward"])  # the table's p* (closed form) row at α = 1
+
+
+def test_pareto_figure_axes_and_files(tmp_path: Path) -> None:
+    pts = {"draft": [(1.0, 0.2, -5.0, 0.01, 0.1), (0.3, 0.5, -3.0, float("nan"), float("nan"))], "sqdf": [(1.0, 1.5, -1.4, 0.1, 0.05)]}
+    fig = plots.pareto_figure(pts, [(0.5, -3.0), (1.6, -1.3), (3.0, -0.8)], "KL", "E[r]", "toy")
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("KL", "E[r]")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["exact front p*_α (closed form)", "draft", "sqdf"]
+    assert {t.get_text() for t in ax.texts} == {"α=1", "α=0.3"}
+    files = plots.save_figure(fig, tmp_path / "front", ("png", "pdf"))
+    assert [f.name for f in files] == ["front.png", "front.pdf"]
+    for f in files:
+        check_file(f)
+
+
+def test_bench_plot_writes_every_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "runs"
+    fake_runs(root)
+    seen: dict[str, list[tuple[str, str, str]]] = {}
+    legends: dict[str, list[str]] = {}
+    real_save, real_save_figure = plots._save, plots.save_figure
+
+    def axes_of(fig: Any) -> list[tuple[str, str, str]]:
+        return [(ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) for ax in fig.axes if ax.get_visible() and ax.axison]
+
+    def spy_save(fig: Any, path: Path) -> None:
+        seen[Path(path).name] = axes_of(fig)
+        real_save(fig, path)
+
+    def spy_save_figure(fig: Any, stem: Path, formats: Any = ("png", "pdf")) -> list[Path]:
+        for fmt in formats:
+            seen[f"{Path(stem).name}.{fmt}"] = axes_of(fig)
+            legends[f"{Path(stem).name}.{fmt}"] = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+        return real_save_figure(fig, stem, formats)
+
+    monkeypatch.setattr(plots, "_save", spy_save)
+    monkeypatch.setattr(plots, "save_figure", spy_save_figure)
+    out = tmp_path / "figs"
+    res = CliRunner().invoke(app, ["plot", str(root), "--out", str(out), "--no-reference"])
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in out.iterdir())
+    expected = sorted(f"gmm-ring8_quadratic_a{a}_{k}.{fmt}" for a in ("0.3", "1") for k in ("training", "curves", "samples") for fmt in ("png", "pdf"))
+    assert names == sorted(expected + ["gmm-ring8_quadratic_pareto.png", "gmm-ring8_quadratic_pareto.pdf"])
+    for p in out.iterdir():
+        check_file(p)
+    # Fig. 3: held-out metrics (one panel each) against the training reward
+    tr = seen["gmm-ring8_quadratic_a1_training.png"]
+    assert all("E[r]" in x for x, _, _ in tr)
+    assert [y for _, y, _ in tr] == [METRICS.entry(m).meta["label"] for m in ("gap", "mode_tv", "mode_recall", "log_p_pre")]
+    # Fig. 4: reward against KL over α, with the exact front of the closed-form target
+    (px, py, _), = seen["gmm-ring8_quadratic_pareto.png"]
+    assert (px, py) == ("KL", "E[r]")
+    assert legends["gmm-ring8_quadratic_pareto.png"] == ["exact front p*_α (closed form)", "draft", "sqdf"]
+    # learning curves: one panel per metric over iterations
+    cur = seen["gmm-ring8_quadratic_a1_curves.png"]
+    assert [x for x, _, _ in cur] == ["iteration"] * len(cur) and [y for _, y, _ in cur] == ["E[r]", "KL", "gap", "mode TV"]
+    # sample grid: method × seed
+    grid = seen["gmm-ring8_quadratic_a1_samples.png"]
+    assert sorted(t for _, _, t in grid) == ["seed 0", "seed 0", "seed 1", "seed 1"]
+    assert sorted(y for _, y, _ in grid if y) == ["draft", "sqdf"]
+    # one kind, one format, one α group, with the reference points (p* draw, base model; computed and cached)
+    a1 = sorted(str(p.parent) for p in root.glob("gmm-ring8/*/quadratic_a1_*/final.json"))
+    res = CliRunner().invoke(app, ["plot", *a1, "--out", str(tmp_path / "one"), "--kind", "training", "--format", "pdf"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["gmm-ring8_quadratic_a1_training.pdf"]
+    check_file(tmp_path / "one" / "gmm-ring8_quadratic_a1_training.pdf")
+    assert list((root / "_reference").glob("gmm-ring8_quadratic_a1_*.json")), "reference rows are cached beside the runs"
+    res = CliRunner().invoke(app, ["plot", str(root), "--out", str(tmp_path / "x"), "--kind", "nosuch"])
+    assert res.exit_code != 0
