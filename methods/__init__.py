@@ -5,3 +5,9 @@ and import it here.
 """
 
 from methods import draft, sqdf  # noqa: F401
+from methods import ddpo  # noqa: F401
+from methods import dpok  # noqa: F401
+from methods import refl  # noqa: F401
+from methods import alignprop  # noqa: F401
+from methods import seiko  # noqa: F401
+from methods import sqdf_online  # noqa: F401

@@ -7,6 +7,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from bench.distributed import sync_gradients
 from bench.errors import BenchError
 
 
@@ -21,7 +22,9 @@ def adamw(params: Iterable[nn.Parameter], lr: float, weight_decay: float, betas:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], grad_clip: float | None) -> float:
-    """Clip the global gradient norm (if set), step, zero grads. Returns the pre-clip norm."""
+    """Average gradients over ranks (multi-process runs, bench.distributed), clip the global
+    gradient norm (if set), step, zero grads. Returns the pre-clip norm."""
+    sync_gradients(params)
     grads = [p.grad for p in params if p.grad is not None]
     norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
     if grad_clip is not None and grad_clip > 0:

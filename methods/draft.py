@@ -146,3 +146,32 @@ class DRaFT(AlignmentMethod):
             r_mean = float(r.detach().mean())
         stats.update({"train/loss": float(loss.detach()), "train/reward": r_mean, "train/grad_norm": gnorm})
         return stats
+
+
+@dataclass(frozen=True)
+class DRaFTLVConfig(DRaFTConfig):
+    """DRaFT-LV: DRaFT-1 with n = 2 re-noised copies (the paper's setting)."""
+
+    lv_copies: int = 2
+    "re-noised copies of x_0, one differentiable step each (the paper uses 2)"
+
+
+@METHODS.register("draft-lv", doc="DRaFT-LV: n=2 re-noised copies of x_0, one differentiable denoiser call each (as the DRaFT paper)")
+class DRaFTLV(DRaFT):
+    name = "draft-lv"
+    Config = DRaFTLVConfig
+
+
+@dataclass(frozen=True)
+class DRaFTKLConfig(DRaFTConfig):
+    """DRaFT+KL: DRaFT-K with α·Σ_t KL_t (SQDF's "draft+" baseline)."""
+
+    kl: bool = True
+    "add α·Σ_t KL_t at every step (gradients local to each step)"
+
+
+@METHODS.register("draft-kl", doc="DRaFT+KL: DRaFT-1 plus α·Σ_t KL_t to the pretrained model at every step (SQDF's draft+ baseline)")
+class DRaFTKL(DRaFT):
+    name = "draft-kl"
+    Config = DRaFTKLConfig
+    uses_alpha = True

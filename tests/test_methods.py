@@ -125,8 +125,9 @@ def test_declares_its_contract(method: str) -> None:
     # every config field has help text (the string literal under it, cleanrl style)
     import inspect
 
-    src = inspect.getsource(cls.Config)
+    sources = [inspect.getsource(c).splitlines() for c in cls.Config.__mro__ if dataclasses.is_dataclass(c)]
     for f in dataclasses.fields(cls.Config):
-        line = next(i for i, l in enumerate(src.splitlines()) if l.strip().startswith(f"{f.name}:"))
-        nxt = src.splitlines()[line + 1].strip()
+        src = next(s for s in sources if any(l.strip().startswith(f"{f.name}:") for l in s))  # the defining class
+        line = next(i for i, l in enumerate(src) if l.strip().startswith(f"{f.name}:"))
+        nxt = src[line + 1].strip()
         assert nxt.startswith('"') or nxt.startswith("'"), f"{cls.__name__}.{f.name} has no help text"
