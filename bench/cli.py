@@ -3,7 +3,11 @@
     bench run                                   # the embedded default suite -> results/default/
     bench run --task gmm-ring8 --methods sqdf,draft --seeds 0,1,2 --set method.lr=1e-3
     bench ls [methods|rewards|metrics|tasks]
-    bench table runs/gmm-ring8                  # tables of finished runs
+    bench table runs/gmm-ring8                  # tables of finished runs (--paper: published numbers beside them)
+    bench grid my_grid.yaml --executor slurm    # a grid of runs as Slurm jobs (bench/grid.py); local, debug without Slurm
+    bench status my_grid.yaml                   # done / running / pending / failed per cell
+    bench plot runs/gmm-ring8                   # paper figures (PNG, PDF): metrics vs reward, α fronts, curves, samples
+    bench prepare digits                        # train and cache a task's local pieces (base, rewards, judges, references)
 
 Bad input (unknown names, out-of-range values, malformed --set, corrupt checkpoints, missing
 weights) prints one line starting with "error:" and exits with code 2, having written nothing.
@@ -26,6 +30,18 @@ from bench.registry import METHODS, METRICS, REWARDS, TASKS
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="diffusion-alignment-bench: reward fine-tuning of diffusion models, compared fairly.")
 
 DEFAULT_TASK = "gmm-ring8"
+
+
+@app.callback()
+def _global_options(
+    plugin: List[str] = typer.Option([], "--plugin", help="import this module first (it registers its own methods, rewards, metrics or tasks); repeatable"),
+) -> None:
+    """diffusion-alignment-bench: reward fine-tuning of diffusion models, compared fairly."""
+    if plugin:
+        from bench.registry import PLUGIN_ENV
+
+        names = [n for n in os.environ.get(PLUGIN_ENV, "").split(",") if n] + list(plugin)
+        os.environ[PLUGIN_ENV] = ",".join(dict.fromkeys(names))  # spawned workers inherit it
 
 
 def _csv(s: str | None) -> list[str]:
@@ -122,6 +138,51 @@ def _worker_run(cfg_dict: dict[str, Any], root: str, force: bool) -> dict[str, A
     return run_one(config_from_dict(cfg_dict), Path(root), force=force, progress=False)
 
 
+# ---- executors (bench/grid.py): options shared by `run` and `grid` ------------------------------------------
+
+PARTITION_OPT = typer.Option(None, "--partition", help="Slurm partition")
+GPUS_OPT = typer.Option(None, "--gpus", help="Slurm: GPUs per job")
+CPUS_OPT = typer.Option(None, "--cpus", help="Slurm: CPU cores per job")
+MEM_OPT = typer.Option(None, "--mem", help="Slurm: memory per job, GB")
+TIME_OPT = typer.Option(None, "--time", help="Slurm: time limit per job, minutes (jobs checkpoint and requeue at the limit)")
+ACCOUNT_OPT = typer.Option(None, "--account", help="Slurm account")
+SBATCH_OPT = typer.Option([], "--sbatch", help="extra sbatch flag, key=value (e.g. qos=high); repeatable")
+WAIT_OPT = typer.Option(True, "--wait/--no-wait", help="Slurm: wait for the jobs (else submit and return; see bench status)")
+
+
+def _slurm_cli(partition: str | None, gpus: int | None, cpus: int | None, mem: float | None, time_min: int | None,
+               account: str | None, sbatch: list[str]) -> dict[str, Any]:
+    from bench.grid import parse_sbatch
+
+    return {"partition": partition, "gpus_per_node": gpus, "cpus_per_task": cpus, "mem_gb": mem, "timeout_min": time_min,
+            "account": account, "additional": parse_sbatch(sbatch) or None}
+
+
+def _submit_cells(cells: list[Any], name: str, description: str, executor: str, runs_dir: Path, results_dir: Path,
+                  max_parallel: int, slurm: Any, force: bool, wait: bool, report: bool) -> None:
+    """Submit cells through bench.grid, wait, report failures, write results/<name>/ for the finished ones."""
+    from bench.grid import submit
+    from bench.table import load_results
+
+    outcome = submit(cells, runs_dir, name, executor, slurm, max_parallel, force, wait, echo=typer.echo)
+    for c, why in outcome.skipped:
+        typer.echo(f"skipped {c.label}: {why}")
+    if executor == "slurm" and not wait:
+        typer.echo(f"{len(outcome.submitted)} cells submitted; follow them with `bench status`")
+        return
+    results = load_results([c.dir(runs_dir) for c in cells])
+    if report and results:
+        from bench.report import write_report
+
+        out = write_report(name, results, runs_dir, results_dir, description)
+        typer.echo(f"table: {out / 'table.md'}")
+    typer.echo(f"{len(results)} of {len(cells)} cells finished, {len(outcome.failed)} failed")
+    if outcome.failed:
+        for c, why in outcome.failed:
+            typer.echo(f"failed: {c.label}: {why}", err=True)
+        raise typer.Exit(1)
+
+
 @app.command()
 def run(
     task: Optional[str] = typer.Option(None, "--task", help="task name (bench ls tasks); default: the one the reward selects, else gmm-ring8"),
@@ -139,6 +200,15 @@ def run(
     force: bool = typer.Option(False, "--force", help="re-run finished runs from scratch"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved runs and exit"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    executor: Optional[str] = typer.Option(None, "--executor", help="run each run as a submitit job: slurm, local or debug (default: in this process)"),
+    partition: Optional[str] = PARTITION_OPT,
+    gpus: Optional[int] = GPUS_OPT,
+    cpus: Optional[int] = CPUS_OPT,
+    mem: Optional[float] = MEM_OPT,
+    time_min: Optional[int] = TIME_OPT,
+    account: Optional[str] = ACCOUNT_OPT,
+    sbatch: List[str] = SBATCH_OPT,
+    wait: bool = WAIT_OPT,
 ) -> None:
     """Run every (method × α × seed) combination and write a paper-style table under results/."""
     extra = merge(load_yaml(config) if config else {}, parse_sets(sets))
@@ -169,6 +239,13 @@ def run(
     from bench.report import write_report
     from bench.runner import run_dir
 
+    if executor:  # bench/grid.py: one submitit job per run
+        from bench.grid import Cell, SlurmParams
+
+        slurm = SlurmParams().merged(_slurm_cli(partition, gpus, cpus, mem, time_min, account, sbatch))
+        _submit_cells([Cell(c) for c in cfgs], name, description, executor, runs_dir, results_dir, jobs or int(opts.get("jobs", 0)),
+                      slurm, force, wait, report=True)
+        return
     n_jobs = jobs or int(opts.get("jobs", 1))
     results = _run_parallel(cfgs, runs_dir, n_jobs, force, progress=not quiet)
     for c, r in zip(cfgs, results):
@@ -208,9 +285,14 @@ def table(
     fmt: str = typer.Option("markdown", "--format", help="markdown, latex or csv"),
     out: Optional[Path] = typer.Option(None, "--out", help="write here instead of stdout"),
     reference: bool = typer.Option(True, "--reference/--no-reference", help="include the exact-target, floor and base rows"),
+    paper: bool = typer.Option(False, "--paper", help="add the published numbers (results/paper.yaml) beside each metric"),
+    paper_file: Optional[Path] = typer.Option(None, "--paper-file", help="published numbers from this YAML instead (implies --paper)"),
+    time: bool = typer.Option(True, "--time/--no-time", help="include the wall-time column (--no-time: comparable across machines)"),
 ) -> None:
     """Tables (mean ± std over seeds with n) of finished runs."""
-    from bench.table import find_runs, groups, load_results, long_rows, make_table
+    from bench.table import find_runs, groups, load_paper, load_results, long_rows, make_table
+
+    published = load_paper(paper_file) if (paper or paper_file) else None
 
     dirs: list[Path] = []
     for p in paths:
@@ -237,9 +319,9 @@ def table(
             root = Path(runs[0]["_dir"]).parents[2]
             ref = reference_rows(task, cfg0.task_cfg, reward, alpha, cfg0.sampler, cfg0.train.final_eval_samples, root)
         if fmt == "csv":
-            csv_rows += long_rows(runs, ref)
+            csv_rows += long_rows(runs, ref, paper=published, time=time)
         else:
-            chunks.append(make_table(runs, ref, fmt=fmt))
+            chunks.append(make_table(runs, ref, fmt=fmt, paper=published, time=time))
     if fmt == "csv":
         import csv
         import io
@@ -256,6 +338,130 @@ def table(
         out.write_text(text)
     else:
         typer.echo(text)
+
+
+@app.command()
+def prepare(
+    task: str = typer.Argument(..., help="task name (bench ls tasks), e.g. digits"),
+    sets: List[str] = typer.Option([], "--set", help="task.X=value overrides of the task config (as in bench run); repeatable"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Train and cache a task's local pieces (e.g. digits: base model, rewards, judges, SIR pool)."""
+    from bench.config import apply_dict
+
+    name = TASKS.canonical(task)
+    task_cls = TASKS.get(name)
+    over = parse_sets(sets)
+    if set(over) - {"task"}:
+        raise BenchError(f"bench prepare accepts only task.X overrides, got {', '.join(sorted(set(over) - {'task'}))}")
+    preset_path = CONFIG_DIR / "tasks" / f"{name}.yaml"
+    preset = (load_yaml(preset_path).get("task") or {}) if preset_path.exists() else {}
+    task_cfg = apply_dict(task_cls.Config(), merge({"task": preset}, over).get("task", {}), "task.")
+    obj = task_cls(task_cfg)
+    if not hasattr(obj, "prepare"):
+        obj.build_backbone()
+        typer.echo(f"{name}: backbone built; nothing else to prepare")
+        return
+    summary = obj.prepare(progress=not quiet)
+    for k, v in summary.items():
+        if isinstance(v, dict):
+            typer.echo(f"{k}:")
+            for kk, vv in v.items():
+                typer.echo(f"  {kk}: {vv}")
+        else:
+            typer.echo(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
+
+
+@app.command()
+def grid(
+    path: Path = typer.Argument(..., help="grid YAML: tasks, methods, rewards, alphas, seeds, set sweeps, slurm (see bench/grid.py)"),
+    executor: str = typer.Option("local", "--executor", help="slurm (one job per cell, a job array), local (processes here) or debug (in this process)"),
+    sets: List[str] = typer.Option([], "--set", help="override key=value for every cell; a YAML list sweeps, e.g. 'alpha=[1,0.3]'; repeatable"),
+    name: Optional[str] = typer.Option(None, "--name", help="results folder and manifest name (default: the grid's)"),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="where run folders go"),
+    results_dir: Path = typer.Option(Path("results"), "--results-dir", help="where tables and figures go"),
+    jobs: int = typer.Option(0, "--jobs", help="cells running at once (0: the grid's max_parallel; Slurm: all, local: cores/2)"),
+    partition: Optional[str] = PARTITION_OPT,
+    gpus: Optional[int] = GPUS_OPT,
+    cpus: Optional[int] = CPUS_OPT,
+    mem: Optional[float] = MEM_OPT,
+    time_min: Optional[int] = TIME_OPT,
+    account: Optional[str] = ACCOUNT_OPT,
+    sbatch: List[str] = SBATCH_OPT,
+    wait: bool = WAIT_OPT,
+    report: bool = typer.Option(True, "--report/--no-report", help="write results/<name>/ (tables, figures) when the cells are done"),
+    force: bool = typer.Option(False, "--force", help="delete the cells' run folders and run them from scratch"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the cells (run / skipped, and why) and exit"),
+) -> None:
+    """Run a grid (tasks × rewards × methods × α × --set sweeps × seeds); finished cells are skipped."""
+    from bench.grid import expand, load_grid, plan
+
+    spec = load_grid(path, sets)
+    cells = expand(spec)
+    name = name or spec.name
+    if dry_run:
+        todo, skipped = plan(cells, runs_dir, force)
+        why = {c.rel(): w for c, w in skipped}
+        for c in cells:
+            typer.echo(f"{'run ' if c.rel() not in why else 'skip'}  {c.label}  -> {runs_dir / c.rel()}" + (f"  ({why[c.rel()]})" if c.rel() in why else ""))
+        typer.echo(f"{len(cells)} cells: {len(todo)} to run, {len(skipped)} skipped; executor {executor}", err=True)
+        return
+    slurm = spec.slurm.merged(_slurm_cli(partition, gpus, cpus, mem, time_min, account, sbatch))
+    _submit_cells(cells, name, spec.description, executor, runs_dir, results_dir, jobs or spec.max_parallel, slurm, force, wait, report)
+
+
+@app.command()
+def status(
+    target: Path = typer.Argument(..., help="a grid YAML (its cells), or a runs folder (every run and submission in it)"),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="where the grid's run folders are (with a grid YAML)"),
+    sets: List[str] = typer.Option([], "--set", help="the --set overrides the grid was submitted with"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per cell"),
+) -> None:
+    """State of each cell: done, running, pending, failed (with why), incomplete or not started."""
+    from bench.grid import cell_states, expand, format_states, load_grid
+
+    if not target.exists():
+        raise BenchError(f"{target} does not exist")
+    if target.is_dir():
+        states = cell_states(None, target)
+    else:
+        states = cell_states(expand(load_grid(target, sets)), runs_dir)
+    if as_json:
+        for s in states:
+            typer.echo(json.dumps(s.to_dict()))
+    else:
+        typer.echo(format_states(states))
+
+
+@app.command()
+def plot(
+    paths: List[Path] = typer.Argument(..., help="run folders, or folders containing them"),
+    out: Path = typer.Option(Path("results/figures"), "--out", help="folder for the figures"),
+    kinds: str = typer.Option("training,pareto,curves,samples", "--kind", help="comma-separated: training (Fig. 3), pareto (Fig. 4), curves, samples"),
+    formats: str = typer.Option("png,pdf", "--format", help="comma-separated file formats"),
+    x_metric: str = typer.Option("path_kl", "--x", help="pareto: metric on the x axis"),
+    y_metric: str = typer.Option("reward", "--y", help="pareto: metric on the y axis"),
+    reference: bool = typer.Option(True, "--reference/--no-reference", help="reference points (p* draw, base model) and exact-target lines"),
+) -> None:
+    """Paper figures of finished runs: held-out metrics vs training reward, α-sweep fronts, learning curves, sample grids."""
+    from bench.plots import make_figures
+    from bench.table import load_results
+
+    dirs: list[Path] = []
+    for p in paths:
+        if not p.exists():
+            raise BenchError(f"{p} does not exist")
+        dirs += [p] if (p / "final.json").exists() else sorted(q.parent for q in p.rglob("final.json") if "_reference" not in q.parts)
+    results = load_results(dirs)
+    if not results:
+        raise BenchError(f"no finished runs (final.json) under {', '.join(map(str, paths))}")
+    for m in (x_metric, y_metric):
+        if m.split("@")[0] not in METRICS:
+            raise BenchError(f"unknown metric {m!r}; known: {', '.join(METRICS.names())}")
+    written = make_figures(results, out, _csv(kinds), _csv(formats), x_metric=x_metric, y_metric=y_metric, reference=reference)
+    for kind, files in written.items():
+        for f in files:
+            typer.echo(f"{kind}: {f}")
 
 
 def main() -> None:

@@ -47,9 +47,13 @@ class TrainConfig:
     "maximum training-reward (oracle) queries; 0 = unlimited"
     plot: bool = True
     "write a PNG of final samples against the target"
+    processes: int = 1
+    "processes (ranks) training this run: each draws its own batch, gradients are averaged (bench/distributed.py)"
 
     def __post_init__(self) -> None:
-        for f in ("iterations", "eval_samples", "final_eval_samples", "checkpoint_every"):
+        if self.processes > 1 and self.query_budget:
+            raise BenchError("train.query_budget needs train.processes=1 (a budget is not split across ranks)")
+        for f in ("iterations", "eval_samples", "final_eval_samples", "checkpoint_every", "processes"):
             if getattr(self, f) < 1:
                 raise BenchError(f"train.{f} must be >= 1, got {getattr(self, f)}")
         for f in ("eval_every", "query_budget"):
@@ -81,7 +85,8 @@ class RunConfig:
             "task_cfg": asdict(self.task_cfg),
             "method_cfg": asdict(self.method_cfg),
             "sampler": asdict(self.sampler),
-            "train": asdict(self.train),
+            # a 1-process run omits train.processes, so its config and hash are what they were before the field existed
+            "train": {k: v for k, v in asdict(self.train).items() if not (k == "processes" and v == 1)},
         }
 
     def hash(self) -> str:

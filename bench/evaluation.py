@@ -37,6 +37,13 @@ class PromptSamples:
     x: Tensor
     path_kl: Tensor | None = None
     source: str = "model"
+    dim: int | None = None  # dimension of the sampled (latent) space, where the KL lives
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # per-sample values shared by metrics
+
+    def memo(self, key: str, fn: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = fn()
+        return self.cache[key]
 
 
 @dataclass
@@ -62,11 +69,16 @@ class EvalContext:
             self.cache[key] = fn()
         return self.cache[key]
 
+    def memo_x(self, tag: str, s: PromptSamples, fn: Callable[[], Any]) -> Any:
+        """Memoize a quantity of one samples object (stored on it, so it lives exactly as long as the
+        samples: an id()-keyed cache would hand a later evaluation a freed tensor's numbers)."""
+        return s.memo(tag, fn)
+
     def rewards(self, s: PromptSamples) -> Tensor:
-        return self.memo(("r", id(s.x)), lambda: _score(self.reward, s))
+        return self.memo_x("r", s, lambda: _score(self.reward, s))
 
     def gold_rewards(self, s: PromptSamples) -> Tensor:
-        return self.memo(("gold", id(s.x)), lambda: _score(self.gold, s))
+        return self.memo_x("gold", s, lambda: _score(self.gold, s))
 
     def target_samples(self, prompt: str, n: int = 2000) -> Tensor:
         """A fixed exact draw from p* (for MMD); independent of the floor row's draw."""
@@ -121,7 +133,7 @@ def sample_model(
             if with_kl:
                 kls[p].append(traj.path_kl[k : k + 1])
     for p in all_prompts:
-        out[p] = PromptSamples(p, torch.cat(xs[p]), torch.cat(kls[p]).double() if with_kl else None, source)
+        out[p] = PromptSamples(p, torch.cat(xs[p]), torch.cat(kls[p]).double() if with_kl else None, source, backbone.dim)
     return out
 
 

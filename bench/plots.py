@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -107,3 +108,270 @@ def plot_curves(curves: dict[str, list[tuple[list[float], list[float]]]], metric
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_metric_vs_reward(curves: dict[str, list[tuple[list[float], dict[str, list[float]]]]], metric_labels: dict[str, str], reward_label: str,
+                          path: Path, title: str, references: dict[str, tuple[float, dict[str, float]]] | None = None) -> None:
+    """Held-out metrics against the training reward as training goes (the shape of the SQDF
+    paper's Fig. 3): one panel per metric, one line per method through its evaluations in order
+    (mean over seeds at each evaluation; the circle is the first evaluation, the base model), and
+    reference points (e.g. p*) as black stars.
+
+    Args:
+        curves: method -> list over seeds of (training reward at each evaluation, metric -> values
+            at the same evaluations).
+        references: label -> (reward, metric -> value).
+    """
+    import numpy as np
+
+    metrics = list(metric_labels)
+    cols = min(4, len(metrics))
+    rows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.3 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = ["*", "P", "X", "D"]
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    for ax, m in zip(axes.flat, metrics):
+        for j, (meth, runs) in enumerate(curves.items()):
+            runs = [(x, ys[m]) for x, ys in runs if m in ys]
+            if not runs:
+                continue
+            n = min(len(x) for x, _ in runs)
+            xs = np.asarray([x[:n] for x, _ in runs], dtype=float).mean(0)
+            ys = np.asarray([y[:n] for _, y in runs], dtype=float).mean(0)
+            c = colors[j % len(colors)]
+            ax.plot(xs, ys, "-", color=c, marker=".", ms=4, lw=1.2, label=f"{meth} (n={len(runs)})")
+            ax.plot(xs[:1], ys[:1], "o", color=c, mfc="none", ms=7)
+        for k, (lab, (rx, vals)) in enumerate((references or {}).items()):
+            if m in vals and vals[m] == vals[m] and rx == rx:
+                ax.plot([rx], [vals[m]], markers[k % len(markers)], color="k", ms=9, label=lab)
+        ax.set_xlabel(reward_label)
+        ax.set_ylabel(metric_labels[m])
+        ax.grid(alpha=0.3)
+    spare = list(axes.flat)[len(metrics):]
+    if spare:  # the legend in the first unused panel
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        spare[0].legend(handles, labels, loc="center", fontsize=8, title="○ = first evaluation (base)", title_fontsize=8)
+    else:
+        axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# ---- `bench plot`: paper figures from run folders (PNG and PDF) -----------------------------------------------
+
+
+def save_figure(fig: Any, stem: Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Save `fig` as stem.<fmt> for each format (atomic writes) and close it."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for fmt in formats:
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        tmp = path.with_name(f".{path.name}.tmp.{fmt}")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=fmt)
+        tmp.replace(path)
+        out.append(path)
+    plt.close(fig)
+    return out
+
+
+def pareto_figure(points: dict[str, list[tuple[float, float, float, float, float]]], front: list[tuple[float, float]] | None,
+                  xlabel: str, ylabel: str, title: str) -> Any:
+    """α-sweep trade-off (the SQDF paper's Fig. 4): one line per method through its α values.
+
+    Args:
+        points: method -> [(α, x mean, y mean, x std, y std)] (std NaN with one seed).
+        front: the exact front [(x*(α), y*(α))] over a dense α grid (the KL-regularized optimum p*_α), or None.
+    Returns:
+        The matplotlib Figure (not saved).
+    """
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    if front:
+        fx, fy = zip(*sorted(front))
+        ax.plot(fx, fy, "k--", lw=1.2, label="exact front p*_α (closed form)")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, (meth, pts) in enumerate(points.items()):
+        pts = sorted(pts)
+        a, x, y, sx, sy = (np.asarray(v, dtype=float) for v in zip(*pts))
+        c = colors[j % len(colors)]
+        ax.errorbar(x, y, xerr=np.nan_to_num(sx), yerr=np.nan_to_num(sy), fmt="-o", color=c, ms=4, lw=1.2, capsize=2, label=meth)
+        for ai, xi, yi in zip(a, x, y):
+            ax.annotate(f"α={ai:g}", (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=6, color=c)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def sample_grid_figure(images: dict[str, list[tuple[str, Path]]], title: str) -> Any:
+    """A grid of the runs' sample figures: one row per method, one column per run (e.g. seed).
+
+    Args:
+        images: row label -> [(column title, PNG path)].
+    Returns:
+        The matplotlib Figure (not saved).
+    """
+    import matplotlib.image as mpimg
+
+    rows = list(images)
+    cols = max(len(v) for v in images.values())
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.6 * cols, 3.4 * len(rows)), squeeze=False)
+    for i, lab in enumerate(rows):
+        for j in range(cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(images[lab]):
+                ax.axis("off")
+                continue
+            name, path = images[lab][j]
+            ax.imshow(mpimg.imread(str(path)))
+            ax.set_title(name, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(lab, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def exact_front(task: Any, reward: str, x_metric: str, y_metric: str, alphas: Sequence[float]) -> list[tuple[float, float]] | None:
+    """(x*(α), y*(α)) of the exact target p*_α over `alphas`, from the metrics' closed forms (None
+    when the task has no exact target or a metric has no closed form)."""
+    import math
+
+    from bench.evaluation import EvalContext, all_eval_prompts, closed_form_row
+
+    if task.target(reward, float(alphas[0]), all_eval_prompts(task)[0]) is None:
+        return None
+    out = []
+    for a in alphas:
+        row = closed_form_row(EvalContext(task, reward, float(a)), [x_metric, y_metric])
+        x, y = row.get(x_metric, math.nan), row.get(y_metric, math.nan)
+        if math.isnan(x) or math.isnan(y):
+            return None
+        out.append((x, y))
+    return out
+
+
+def make_figures(results: list[dict[str, Any]], out_dir: Path, kinds: Sequence[str] = ("training", "pareto", "curves", "samples"),
+                 formats: Sequence[str] = ("png", "pdf"), runs_root: Path | None = None, x_metric: str = "path_kl",
+                 y_metric: str = "reward", reference: bool = True) -> dict[str, list[Path]]:
+    """The paper-style figures of finished runs (final.json dicts with "_dir", as bench.table.load_results gives).
+
+    `reference` adds the sampled reference rows (p* draw, base model; cached under runs/_reference)
+    as points and target lines.
+
+    Kinds:
+        training  held-out metrics against the training reward as training goes, one line per method
+                  (the SQDF paper's Fig. 3), per (task, reward, α)
+        pareto    y_metric against x_metric over α, one line per method, with the exact front where
+                  the task has a closed-form target (Fig. 4; drawn with or without `reference`), per (task, reward)
+        curves    metrics over training iterations, mean over seeds with a min–max band, per (task, reward, α)
+        samples   the runs' final-sample figures side by side (method × seed), per (task, reward, α)
+    Returns:
+        kind -> the files written.
+    """
+    import math
+    import statistics
+
+    from bench.config import config_from_dict
+    from bench.registry import METRICS, TASKS
+    from bench.runner import MetricLog, build_task, reference_rows
+    from bench.table import _row_labels, groups
+
+    unknown = sorted(set(kinds) - {"training", "pareto", "curves", "samples"})
+    if unknown:
+        from bench.errors import BenchError
+
+        raise BenchError(f"unknown figure kinds {unknown}; known: training, pareto, curves, samples")
+    out_dir = Path(out_dir)
+    written: dict[str, list[Path]] = {k: [] for k in kinds}
+
+    def slug(*parts: Any) -> str:
+        return "_".join(str(p).replace(" ", "-").replace("/", "-") for p in parts)
+
+    def label(m: str) -> str:
+        base, _, sset = m.partition("@")
+        return METRICS.entry(base).meta.get("label", base) + (f" @{sset}" if sset else "") if base in METRICS else m
+
+    def evals(r: dict[str, Any]) -> list[dict[str, Any]]:
+        return [rec for rec in MetricLog(Path(r["_dir"]) / "metrics.jsonl").read() if any(k.startswith("eval/") for k in rec)]
+
+    def refs(task: str, reward: str, alpha: float, runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+        if not reference:
+            return {}
+        cfg0 = config_from_dict(json.loads((Path(runs[0]["_dir"]) / "config.json").read_text()))
+        root = runs_root or Path(runs[0]["_dir"]).parents[2]
+        return reference_rows(task, cfg0.task_cfg, reward, alpha, cfg0.sampler, cfg0.train.final_eval_samples, root)
+
+    by_group = groups(results)
+    for (task, reward, alpha), runs in by_group.items():
+        task_cls = TASKS.get(task)
+        tag = slug(task, reward, "a" + format(alpha, "g"))
+        ref = refs(task, reward, alpha, runs) if ("training" in kinds or "curves" in kinds) else {}
+        if "training" in kinds:
+            ms = tuple(getattr(task_cls, "reward_curve_metrics", ()) or [m for m in task_cls.table_metrics if m not in ("reward", "path_kl")][:4])
+            curves: dict[str, list[tuple[list[float], dict[str, list[float]]]]] = {}
+            for lab, rs in _row_labels(runs).items():
+                for r in rs:
+                    ev = [e for e in evals(r) if "eval/reward" in e]
+                    curves.setdefault(lab, []).append(([float(e["eval/reward"]) for e in ev],
+                                                       {m: [float(e.get(f"eval/{m}", math.nan)) for e in ev] for m in ms}))
+            points = {name: (row.get("reward", math.nan), row) for name, row in ref.items() if name.startswith(("p* sample", "base"))}
+            for fmt in formats:
+                path = out_dir / f"{tag}_training.{fmt}"
+                plot_metric_vs_reward(curves, {m: label(m) for m in ms}, f"{label('reward')} (training reward, held-out evaluation)",
+                                      path, f"{task} · {reward} · α={alpha:g}: held-out metrics vs training reward", points)
+                written["training"].append(path)
+        if "curves" in kinds:
+            ms = [m for m in ("reward", "path_kl", "gap", "mode_tv") if m in task_cls.metrics] or list(task_cls.table_metrics[:4])
+            lc: dict[str, list[tuple[list[float], list[float]]]] = {}
+            for lab, rs in _row_labels(runs).items():
+                for r in rs:
+                    ev = evals(r)
+                    for m in ms:
+                        xs = [e["iteration"] for e in ev if f"eval/{m}" in e]
+                        lc.setdefault(f"{m}|{lab}", []).append((xs, [e[f"eval/{m}"] for e in ev if f"eval/{m}" in e]))
+            for fmt in formats:
+                path = out_dir / f"{tag}_curves.{fmt}"
+                plot_curves(lc, {m: label(m) for m in ms}, path, f"{task} · {reward} · α={alpha:g} (mean over seeds, band: min–max)",
+                            targets=ref.get("p* (closed form)"))
+                written["curves"].append(path)
+        if "samples" in kinds:
+            images: dict[str, list[tuple[str, Path]]] = {}
+            for lab, rs in _row_labels(runs).items():
+                for r in sorted(rs, key=lambda r: r["seed"]):
+                    p = Path(r["_dir"]) / "samples.png"
+                    if p.exists():
+                        images.setdefault(lab, []).append((f"seed {r['seed']}", p))
+            if images:
+                fig = sample_grid_figure(images, f"{task} · {reward} · α={alpha:g}: final samples")
+                written["samples"] += save_figure(fig, out_dir / f"{tag}_samples", formats)
+    if "pareto" in kinds:
+        by_tr: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for (task, reward, _), runs in by_group.items():
+            by_tr.setdefault((task, reward), []).extend(runs)
+        for (task, reward), runs in by_tr.items():
+            pts: dict[str, list[tuple[float, float, float, float, float]]] = {}
+            for (_, _, alpha), rs in groups(runs).items():
+                for lab, rr in _row_labels(rs).items():
+                    xs = [float(r["metrics"].get(x_metric, math.nan)) for r in rr]
+                    ys = [float(r["metrics"].get(y_metric, math.nan)) for r in rr]
+                    sd = (lambda v: statistics.stdev(v) if len(v) > 1 else math.nan)  # noqa: E731
+                    pts.setdefault(lab, []).append((alpha, statistics.fmean(xs), statistics.fmean(ys), sd(xs), sd(ys)))
+            alphas = sorted({a for p in pts.values() for a, *_ in p})
+            cfg0 = config_from_dict(json.loads((Path(runs[0]["_dir"]) / "config.json").read_text()))
+            lo, hi = min(alphas) / 4, max(alphas) * 4
+            grid_a = [lo * (hi / lo) ** (i / 39) for i in range(40)]
+            front = exact_front(build_task(task, cfg0.task_cfg), reward, x_metric, y_metric, grid_a)  # closed form: cheap
+            fig = pareto_figure(pts, front, label(x_metric), label(y_metric), f"{task} · {reward}: α sweep")
+            written["pareto"] += save_figure(fig, out_dir / f"{slug(task, reward)}_pareto", formats)
+    return written

@@ -13,6 +13,8 @@ Modules register on import; `load_all()` imports every built-in module.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
@@ -88,11 +90,37 @@ _BUILTIN_MODULES = ("methods", "rewards", "metrics", "bench.tasks")
 _loaded = False
 
 
+PLUGIN_ENV = "BENCH_PLUGINS"
+ENTRY_POINT_GROUP = "diffusion_alignment_bench.plugins"
+
+
 def load_all() -> None:
-    """Import the built-in packages so that their decorators run (idempotent)."""
+    """Import the built-in packages, then plugins, so that their decorators run (idempotent).
+
+    Plugins are modules outside this repository that register methods, rewards, metrics or tasks:
+    named in $BENCH_PLUGINS (comma-separated importable module names; `bench run --plugin` sets it)
+    or declared by an installed package under the entry-point group
+    "diffusion_alignment_bench.plugins".
+    """
     global _loaded
     if _loaded:
         return
     _loaded = True
     for mod in _BUILTIN_MODULES:
         importlib.import_module(mod)
+    names = [m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()]
+    try:
+        from importlib.metadata import entry_points
+
+        names += [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    except Exception:  # pragma: no cover - metadata backends vary
+        pass
+    for name in names:
+        if name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as e:
+            from bench.errors import BenchError
+
+            raise BenchError(f"could not import plugin module {name!r} ({type(e).__name__}: {e}); check {PLUGIN_ENV} / PYTHONPATH") from None

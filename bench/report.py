@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import config_from_dict
-from bench.plots import plot_curves
+from bench.plots import plot_curves, plot_metric_vs_reward
 from bench.provenance import snapshot
 from bench.registry import METRICS, TASKS
-from bench.runner import MetricLog, reference_rows
-from bench.table import groups, long_rows, make_table
+from bench.runner import MetricLog, build_task, reference_rows
+from bench.table import _row_labels, groups, long_rows, make_table
 
 CURVE_METRICS = ("reward", "gap", "path_kl", "mode_tv")
 
@@ -72,6 +72,14 @@ def write_report(name: str, results: list[dict[str, Any]], runs_root: Path, resu
         labels = {m: METRICS.entry(m).meta.get("label", m) for m in CURVE_METRICS}
         plot_curves(curves, labels, curve_png, f"{task} · {reward} · α={alpha:g}", targets=ref.get("p* (closed form)"))
         md.append(f"Samples (seed 0): {', '.join(figs)} · learning curves: [curves](figures/{curve_png.name})")
+        rc_metrics = tuple(getattr(TASKS.get(task), "reward_curve_metrics", ()))
+        if rc_metrics:  # held-out metrics against the training reward over training (tasks that ask for it)
+            rc_png = fig_dir / f"{_slug(task, reward, 'a' + format(alpha, 'g'))}_heldout_vs_reward.png"
+            _plot_heldout_vs_reward(runs, ref, rc_metrics, rc_png, f"{task} · {reward} · α={alpha:g}: held-out metrics vs training reward")
+            md.append(f"Held-out metrics against the training reward as training goes: [figure](figures/{rc_png.name})")
+        task_obj = build_task(task, cfg0.task_cfg)
+        if hasattr(task_obj, "reference_note"):  # how the task's reference rows were obtained, and their reliability
+            md += ["", task_obj.reference_note(reward, alpha)]
         md.append("")
     (out / "table.md").write_text("\n".join(md) + "\n")
     if rows_csv:
@@ -81,3 +89,18 @@ def write_report(name: str, results: list[dict[str, Any]], runs_root: Path, resu
             w.writerows(rows_csv)
     (out / "runs.json").write_text(json.dumps(sorted(str(Path(r["_dir"])) for r in results), indent=1) + "\n")
     return out
+
+
+def _plot_heldout_vs_reward(runs: list[dict[str, Any]], ref: dict[str, dict[str, float]], metrics: tuple[str, ...], path: Path, title: str) -> None:
+    """Every evaluation of every run as (E[r], held-out metric), one line per table row (method
+    config), mean over seeds; the resampled p* draw as a reference point."""
+    nan = float("nan")
+    curves: dict[str, list[tuple[list[float], dict[str, list[float]]]]] = {}
+    for label, rs in _row_labels(runs).items():
+        for r in rs:
+            evals = [rec for rec in MetricLog(Path(r["_dir"]) / "metrics.jsonl").read() if "eval/reward" in rec]
+            xs = [float(e["eval/reward"]) for e in evals]
+            curves.setdefault(label, []).append((xs, {m: [float(e.get(f"eval/{m}", nan)) for e in evals] for m in metrics}))
+    refs = {name: (row.get("reward", nan), row) for name, row in ref.items() if name.startswith("p* sample")}
+    labels = {m: METRICS.entry(m).meta.get("label", m) for m in metrics}
+    plot_metric_vs_reward(curves, labels, "training reward E[r] (train prompts)", path, title, refs)

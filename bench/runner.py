@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from bench import distributed as dist
 from bench.cache import atomic_torch_save, config_hash
 from bench.clock import CallCounter, PhaseClock
 from bench.config import RunConfig, dump_json
@@ -76,7 +77,7 @@ class MetricLog:
             return sum(1 for _ in f)
 
     def truncate(self, n: int) -> None:
-        if not self.path.exists():
+        if not self.path.exists() or not dist.is_main():
             return
         keep = self.path.read_text().splitlines()[:n]
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -84,6 +85,8 @@ class MetricLog:
         os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not dist.is_main():
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=float) + "\n")
 
@@ -120,39 +123,58 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def run_one(cfg: RunConfig, root: Path, *, force: bool = False, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+def run_one(cfg: RunConfig, root: Path, *, force: bool = False, progress: bool = True, stop_after: int | None = None,
+            stop_when: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train and evaluate one run; resume it if its folder has a checkpoint; skip it if finished.
 
     Args:
         stop_after: stop (with a checkpoint, without final.json) after this many iterations of
             this call: a test hook that simulates preemption.
+        stop_when: polled after every iteration; once it returns True, stop the same way (the
+            preemption/time-limit signal path of bench.grid.CellJob).
     Returns:
-        The contents of final.json (or {} when stopped early).
+        The contents of final.json (or {} when stopped early, and on ranks other than 0).
     """
+    rank, world = dist.world()
+    if cfg.train.processes > 1 and world == 1:  # spawn the ranks of this run (bench/distributed.py)
+        dist.launch(run_one, cfg.train.processes, cfg, root, force=force, progress=progress, stop_after=stop_after, stop_when=stop_when)
+        final = run_dir(root, cfg) / "final.json"
+        return json.loads(final.read_text()) if final.exists() else {}
+    if world != cfg.train.processes:
+        raise BenchError(f"train.processes={cfg.train.processes} but the process group has {world} processes")
+    main = rank == 0
     d = run_dir(root, cfg)
     final_path = d / "final.json"
     if final_path.exists() and not force:
-        return json.loads(final_path.read_text())
-    if force and d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True, exist_ok=True)
+        return json.loads(final_path.read_text()) if main else {}
     cfg_dict = cfg.to_dict()
-    if (d / "config.json").exists():
+    if (d / "config.json").exists() and not force:
         old = json.loads((d / "config.json").read_text())
         if old != json.loads(json.dumps(cfg_dict)):
             raise BenchError(f"{d} holds a run with a different config; use another runs directory or --force")
-    else:
-        dump_json(cfg_dict, d / "config.json")
 
     t_start = time.time()
     task = build_task(cfg.task, cfg.task_cfg)
-    backbone = task.build_backbone()
-    clock = PhaseClock()
-    budget = cfg.train.query_budget or None
-    reward = CountingReward(task.build_reward(cfg.reward), clock, budget)
-    ctx = TrainContext(backbone, reward, list(task.train_prompts), cfg.alpha, cfg.sampler, cfg.seed, clock, task)
-    method_cls = METHODS.get(cfg.method)
-    method = method_cls(cfg.method_cfg, ctx)
+    # Modules built with torch's default initializers (e.g. an nn.Linear) draw from the global RNG, whose
+    # start seed differs per process: seed it from the run seed, locally, so that every process builds
+    # the same initial weights (a requeued job, another rank, a local re-run of a Slurm cell).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        backbone = task.build_backbone()
+        clock = PhaseClock()
+        budget = cfg.train.query_budget or None
+        reward = CountingReward(task.build_reward(cfg.reward), clock, budget)
+        ctx = TrainContext(backbone, reward, list(task.train_prompts), cfg.alpha, cfg.sampler, cfg.seed, clock, task)
+        method_cls = METHODS.get(cfg.method)
+        method = method_cls(cfg.method_cfg, ctx)
+    # Everything is built (missing weights, bad settings have raised): only now touch the disk.
+    if force and d.exists() and main:
+        shutil.rmtree(d)
+    dist.barrier()
+    d.mkdir(parents=True, exist_ok=True)
+    if main and not (d / "config.json").exists():
+        dump_json(cfg_dict, d / "config.json")
+    dist.prepare_method(method, cfg.seed)  # multi-process: rank-0 weights, one random stream per rank
     ectx = EvalContext(task, cfg.reward, cfg.alpha)
     mlog = MetricLog(d / "metrics.jsonl")
     ckpt_path = d / "checkpoint.pt"
@@ -161,34 +183,48 @@ def run_one(cfg: RunConfig, root: Path, *, force: bool = False, progress: bool =
     stopped_by_budget = False
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
-        method.load_state_dict(state["method"])
+        if len(state.get("ranks", [state])) != world:
+            raise BenchError(f"{ckpt_path} was written by {len(state.get('ranks', [state]))} processes, this run has {world}")
+        own = state["ranks"][rank] if world > 1 else state  # multi-process: this rank's own state
+        method.load_state_dict(own["method"])
         clock.load_state_dict(state["clock"])
-        backbone.counter.load_state_dict(state["counter"])
-        reward.queries = int(state["reward_queries"])
+        backbone.counter.load_state_dict(own["counter"])
+        reward.queries = int(own["reward_queries"])
         start = int(state["iteration"])
         stopped_by_budget = bool(state.get("stopped_by_budget", False))
         mlog.truncate(int(state["log_lines"]))
     else:
         mlog.truncate(0)
 
-    def budget_record() -> dict[str, float]:
+    def budget_record(local: bool = False) -> dict[str, float]:
         calls = backbone.counter.state_dict()
         rec = {"budget/reward_queries": reward.queries, "budget/denoiser_calls": sum(calls.values())}
         rec.update({f"budget/denoiser_calls_{k}": v for k, v in calls.items()})
-        return rec
+        return rec if world == 1 or local else {**rec, **global_budget}
+
+    global_budget: dict[str, float] = {}  # multi-process: counters summed over ranks (updated every iteration)
 
     def do_eval(iteration: int, n: int) -> tuple[dict[str, float], dict[str, Any]]:
         with clock("evaluation"):
             m, samples = evaluate(task, backbone, ectx, cfg.sampler, n)
+            if cfg.train.plot and hasattr(task, "on_evaluation"):  # optional task hook, e.g. per-checkpoint sample grids
+                task.on_evaluation(iteration, samples, d)
         mlog.write({"iteration": iteration, **{f"eval/{k}": v for k, v in m.items()}, **budget_record()})
         return m, samples
 
     def save_ckpt(iteration: int) -> None:
         with clock("checkpoint"):
+            method_state = method.state_dict()
+            # multi-process: every rank's own method state (generator, buffers) and counters
+            ranks = dist.gather_objects({"method": method_state, "counter": backbone.counter.state_dict(),
+                                         "reward_queries": reward.queries}) if world > 1 else None
+            if not main:
+                return
             atomic_torch_save(
                 {
                     "iteration": iteration,
-                    "method": method.state_dict(),
+                    "method": method_state,
+                    **({"ranks": ranks} if ranks is not None else {}),
                     "clock": clock.state_dict(),
                     "counter": backbone.counter.state_dict(),
                     "reward_queries": reward.queries,
@@ -200,9 +236,9 @@ def run_one(cfg: RunConfig, root: Path, *, force: bool = False, progress: bool =
             )
 
     N = cfg.train.iterations
-    if start == 0:
+    if start == 0 and main:
         do_eval(0, cfg.train.eval_samples)
-    bar = _bar(progress, f"{cfg.task} {cfg.method} α={cfg.alpha:g} s={cfg.seed}", N, start)
+    bar = _bar(progress and main, f"{cfg.task} {cfg.method} α={cfg.alpha:g} s={cfg.seed}", N, start)
     iteration, done_this_call = start, 0
     while iteration < N and not stopped_by_budget:
         try:
@@ -214,22 +250,28 @@ def run_one(cfg: RunConfig, root: Path, *, force: bool = False, progress: bool =
             save_ckpt(iteration)
             break
         iteration += 1
+        if world > 1:
+            stats = dist.reduce_floats(stats, "mean")
+            global_budget.update(dist.reduce_floats(budget_record(local=True), "sum"))
         bad = [k for k, v in stats.items() if not math.isfinite(float(v))]
         if bad:
             raise BenchError(f"{cfg.method} produced non-finite {', '.join(bad)} at iteration {iteration}; lower method.lr or check the reward")
         mlog.write({"iteration": iteration, **stats, **budget_record(), "time/train": sum(v for k, v in clock.seconds.items() if k != "evaluation")})
-        if cfg.train.eval_every and iteration % cfg.train.eval_every == 0 and iteration < N:
+        if cfg.train.eval_every and iteration % cfg.train.eval_every == 0 and iteration < N and main:
             do_eval(iteration, cfg.train.eval_samples)
         if iteration % cfg.train.checkpoint_every == 0 or iteration == N:
             save_ckpt(iteration)
         if bar is not None:
             bar.update(1)
         done_this_call += 1
-        if stop_after is not None and done_this_call >= stop_after and iteration < N:
+        stop = (stop_after is not None and done_this_call >= stop_after) or (stop_when is not None and dist.any_rank(stop_when()))
+        if stop and iteration < N:
             save_ckpt(iteration)
             return {}
     if bar is not None:
         bar.close()
+    if not main:
+        return {}
     iterations_done = iteration
 
     metrics, samples = do_eval(iterations_done, cfg.train.final_eval_samples)
@@ -237,6 +279,9 @@ def run_one(cfg: RunConfig, root: Path, *, force: bool = False, progress: bool =
         with clock("evaluation"):
             title = f"{cfg.task} · {cfg.method} · {cfg.reward} · α={cfg.alpha:g} · seed {cfg.seed} · {iterations_done} it"
             task.plot_samples({p: s.x for p, s in samples.items()}, cfg.reward, cfg.alpha, d / "samples.png", title)
+    if hasattr(backbone, "save_trained"):  # e.g. the SD LoRA, loadable by diffusers pipelines
+        with clock("checkpoint"):
+            backbone.save_trained(d / "lora")
     result = {
         "schema": SCHEMA_VERSION,
         "run": d.name,

@@ -127,8 +127,15 @@ def aggregate(runs: list[dict[str, Any]], columns: Sequence[str]) -> dict[str, d
 
 
 def make_table(runs: list[dict[str, Any]], reference: dict[str, dict[str, float]] | None = None, fmt: str = "markdown",
-               columns: Sequence[str] | None = None, budget: bool = True) -> str:
-    """One table for runs of a single (task, reward, α) group."""
+               columns: Sequence[str] | None = None, budget: bool = True, paper: list[dict[str, Any]] | None = None,
+               time: bool = True) -> str:
+    """One table for runs of a single (task, reward, α) group.
+
+    Args:
+        paper: published tables (`load_paper()`); a "(paper)" column follows each metric that has
+            published numbers for this task and reward, and published methods without runs get rows.
+        time: include the wall-time column (off for tables that must be identical across machines).
+    """
     if not runs:
         raise BenchError("no finished runs to tabulate")
     keys = {group_key(r) for r in runs}
@@ -138,11 +145,14 @@ def make_table(runs: list[dict[str, Any]], reference: dict[str, dict[str, float]
     task_name, reward, alpha = next(iter(keys))
     task_cls = TASKS.get(task_name)
     metric_cols = list(columns or task_cls.table_metrics)
-    cols = metric_cols + ([c for c, _ in BUDGET_COLUMNS] if budget else [])
+    budget_cols = [(c, h) for c, h in BUDGET_COLUMNS if time or c != "time.total"] if budget else []
+    cols = metric_cols + [c for c, _ in budget_cols]
+    budget_keys = {c for c, _ in budget_cols if c.startswith("budget.")}
     agg = aggregate(runs, cols)
-    dirs = {m: METRICS.entry(m).meta.get("direction", "max") for m in metric_cols}
-    heads = [f"{METRICS.entry(m).meta.get('label', m)} {ARROWS[dirs[m]]}" for m in metric_cols]
-    heads += [h for _, h in BUDGET_COLUMNS] if budget else []
+    # a column "metric@set" is the metric on an eval prompt set other than "train" (e.g. judge_acc@heldout)
+    dirs = {m: METRICS.entry(m.split("@")[0]).meta.get("direction", "max") for m in metric_cols}
+    heads = [f"{METRICS.entry(m.split('@')[0]).meta.get('label', m)}{'@' + m.split('@')[1] if '@' in m else ''} {ARROWS[dirs[m]]}" for m in metric_cols]
+    heads += [h for _, h in budget_cols]
     cf = (reference or {}).get("p* (closed form)", {})
     best: dict[str, str] = {}
     for m in metric_cols:
@@ -157,36 +167,61 @@ def make_table(runs: list[dict[str, Any]], reference: dict[str, dict[str, float]
             best[m] = min(cand, key=lambda lab: abs(cand[lab] - cf[m]))
     lines: list[list[str]] = []
     for name, row in (reference or {}).items():
-        lines.append([f"*{name}*", ""] + [_fmt(row.get(c, float("nan"))) for c in metric_cols] + ([""] * len(BUDGET_COLUMNS) if budget else []))
+        label = name.replace("*", "\\*")  # "p*" stays literal inside the Markdown italics
+        lines.append([f"*{label}*", ""] + [_fmt(row.get(c, float("nan"))) for c in metric_cols] + [""] * len(budget_cols))
     for lab, cells in agg.items():
         n = max(c[2] for c in cells.values())
         row = [lab, str(n)]
         for c in cols:
             mean, sd, k = cells[c]
-            s = "—" if k == 0 else (_fmt(mean) + ("" if math.isnan(sd) else f" ± {_fmt(sd)}"))
+            if k == 0:
+                s = "—"
+            elif c in budget_keys and float(mean).is_integer() and (math.isnan(sd) or sd == 0):
+                s = f"{int(mean):,}"  # identical counts across seeds: one integer, no "± 0"
+            else:
+                s = _fmt(mean) + ("" if math.isnan(sd) else f" ± {_fmt(sd)}")
             if c in best and best[c] == lab:
                 s = f"**{s}**" if fmt == "markdown" else f"\\textbf{{{s}}}"
             row.append(s)
         lines.append(row)
     header = ["method", "n"] + heads
     title = f"{task_name} · reward {reward} · α = {alpha:g}"
+    sources: list[str] = []
+    if paper:
+        keys: list[str | None] = [None] * len(reference or {}) + list(agg)
+        sources = _add_paper_columns(header, lines, keys, metric_cols, published(paper, task_name, reward, _row_labels(runs)))
     if fmt == "markdown":
         out = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
         out += ["| " + " | ".join(r) + " |" for r in lines]
+        out += ([""] + [f"(paper) {src}" for src in sources]) if sources else []
         return "\n".join(out) + "\n"
     if fmt == "latex":
-        esc = lambda s: s.replace("_", "\\_").replace("±", "$\\pm$").replace("↑", "$\\uparrow$").replace("↓", "$\\downarrow$").replace("≈", "$\\approx$").replace("*", "").replace("ε", "$\\epsilon$")  # noqa: E731
-        body = [" & ".join(esc(c) for c in header) + " \\\\", "\\midrule"]
-        body += [" & ".join(esc(c) if not c.startswith("\\textbf") else c.replace("±", "$\\pm$") for c in r) + " \\\\" for r in lines]
-        return (f"% {title}\n\\begin{{tabular}}{{l{'r' * (len(header) - 1)}}}\n\\toprule\n" + "\n".join(body) + "\n\\bottomrule\n\\end{tabular}\n")
+        body = [" & ".join(_latex(c) for c in header) + " \\\\", "\\midrule"]
+        body += [" & ".join(_latex(c) for c in r) + " \\\\" for r in lines]
+        notes = "".join(f"% (paper) {src}\n" for src in sources)
+        return (f"% {title}\n{notes}\\begin{{tabular}}{{l{'r' * (len(header) - 1)}}}\n\\toprule\n" + "\n".join(body) + "\n\\bottomrule\n\\end{tabular}\n")
     raise BenchError(f"unknown table format {fmt!r}; known: markdown, latex, csv")
 
 
-def long_rows(runs: list[dict[str, Any]], reference: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
-    """Long-format rows (one per group × row × metric) for CSV export."""
+def _latex(cell: str) -> str:
+    """A Markdown table cell as LaTeX: *italic* reference rows, \\textbf{} best cells, symbols in math mode."""
+    if cell.startswith("\\textbf{"):
+        return "\\textbf{" + _latex(cell[len("\\textbf{"):-1]) + "}"
+    if len(cell) > 2 and cell.startswith("*") and cell.endswith("*"):
+        return "\\textit{" + _latex(cell[1:-1].replace("\\*", "*")) + "}"
+    out = cell.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&").replace("#", "\\#")
+    for sym, tex in (("±", "$\\pm$"), ("↑", "$\\uparrow$"), ("↓", "$\\downarrow$"), ("≈", "$\\approx$"), ("ε", "$\\epsilon$"),
+                     ("α", "$\\alpha$"), ("γ", "$\\gamma$"), ("*", "$^*$"), ("—", "--")):
+        out = out.replace(sym, tex)
+    return out
+
+
+def long_rows(runs: list[dict[str, Any]], reference: dict[str, dict[str, float]] | None = None,
+              paper: list[dict[str, Any]] | None = None, time: bool = True) -> list[dict[str, Any]]:
+    """Long-format rows (one per group × row × metric) for CSV export (published numbers: row "<label> (paper)")."""
     out = []
     task_name, reward, alpha = group_key(runs[0])
-    cols = list(TASKS.get(task_name).metrics) + [c for c, _ in BUDGET_COLUMNS]
+    cols = list(TASKS.get(task_name).metrics) + [c for c, _ in BUDGET_COLUMNS if time or c != "time.total"]
     for name, row in (reference or {}).items():
         for c in cols:
             if c in row:
@@ -194,7 +229,84 @@ def long_rows(runs: list[dict[str, Any]], reference: dict[str, dict[str, float]]
     for lab, cells in aggregate(runs, cols).items():
         for c, (mean, sd, n) in cells.items():
             out.append({"task": task_name, "reward": reward, "alpha": alpha, "row": lab, "metric": c, "mean": mean, "std": sd, "n": n})
+    if paper:
+        by_label, extra, _ = published(paper, task_name, reward, _row_labels(runs))
+        for lab, vals in {**by_label, **extra}.items():
+            for c, v in vals.items():
+                out.append({"task": task_name, "reward": reward, "alpha": alpha, "row": f"{lab} (paper)", "metric": c, "mean": v, "std": "", "n": ""})
     return out
+
+
+# ---- published numbers (bench table --paper) ----------------------------------------------------------------
+
+PAPER_FILE = Path(__file__).resolve().parent.parent / "results" / "paper.yaml"
+
+
+def load_paper(path: Path | None = None) -> list[dict[str, Any]]:
+    """The published tables of results/paper.yaml (or `path`): [{id, source, tasks, reward, rows: [...]}]."""
+    import yaml
+
+    p = Path(path) if path else PAPER_FILE
+    if not p.exists():
+        raise BenchError(f"published-numbers file {p} not found")
+    data = yaml.safe_load(p.read_text()) or {}
+    tables = data.get("tables")
+    if not isinstance(tables, list):
+        raise BenchError(f"malformed {p}: expected a 'tables' list")
+    for t in tables:
+        for k in ("id", "source", "tasks", "reward", "rows"):
+            if k not in t:
+                raise BenchError(f"malformed {p}: table {t.get('id', '?')} lacks {k!r}")
+        for row in t["rows"]:
+            if "method" not in row or "metrics" not in row:
+                raise BenchError(f"malformed {p}: every row of {t['id']} needs 'method' and 'metrics'")
+    return tables
+
+
+def published(paper: list[dict[str, Any]], task: str, reward: str, rows: dict[str, list[dict[str, Any]]]
+              ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], list[str]]:
+    """Published numbers for one table.
+
+    Returns:
+        (our row label -> metric -> value, published rows that no run matches (by the paper's label)
+        -> metric -> value, the sources used). A published row matches our row when the method names
+        agree and every `match:` field equals the runs' method config value.
+    """
+    by_label: dict[str, dict[str, float]] = {}
+    extra: dict[str, dict[str, float]] = {}
+    sources: list[str] = []
+    for t in paper:
+        if task not in t["tasks"] or reward != t["reward"]:
+            continue
+        for row in t["rows"]:
+            vals = {m: float(v) for m, v in row["metrics"].items() if v is not None}
+            hits = [lab for lab, rs in rows.items() if rs[0]["method"]["name"] == row["method"]
+                    and all(rs[0]["method"]["config"].get(k) == v for k, v in (row.get("match") or {}).items())]
+            for lab in hits:
+                by_label.setdefault(lab, {}).update(vals)
+            if not hits:
+                extra[str(row.get("label", row["method"]))] = vals
+        sources.append(f"{t['id']}: {t['source']}")
+    return by_label, extra, sources
+
+
+def _add_paper_columns(header: list[str], lines: list[list[str]], keys: list[str | None], metric_cols: list[str],
+                       pub: tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], list[str]]) -> list[str]:
+    """Insert a "(paper)" column after each metric with published numbers, and rows for published-only methods."""
+    by_label, extra, sources = pub
+    have = [m for m in metric_cols if any(m in v for v in list(by_label.values()) + list(extra.values()))]
+    width = len(header)
+    for name in extra:
+        lines.append([f"*{name} (paper)*", ""] + [""] * (width - 2))
+        keys.append(name)
+    table_of = {**by_label, **extra}
+    for m in reversed(have):
+        i = 2 + metric_cols.index(m) + 1
+        header.insert(i, "(paper)")
+        for line, key in zip(lines, keys):
+            v = table_of.get(key, {}).get(m) if key is not None else None
+            line.insert(i, "" if v is None else _fmt(v))
+    return sources
 
 
 def groups(runs: list[dict[str, Any]]) -> dict[tuple[str, str, float], list[dict[str, Any]]]:

@@ -69,7 +69,10 @@ def path_kl(s: PromptSamples, ctx: EvalContext) -> float:
                   doc="the same path KL in the SQDF code's convention: Σ_t mean_dims Δμ²/σ² = (2/d)·KL",
                   closed_form=lambda ctx, p: kl_nats_to_sqdf(ctx.target(p).kl, ctx.task.terminal.dim))
 def path_kl_sqdf(s: PromptSamples, ctx: EvalContext) -> float:
-    return _nan() if s.path_kl is None else float(kl_nats_to_sqdf(s.path_kl.mean(), s.x[0].numel()))
+    if s.path_kl is None:
+        return _nan()
+    dim = s.dim if s.dim is not None else s.x[0].numel()  # the latent dimension (not the decoded image's)
+    return float(kl_nats_to_sqdf(s.path_kl.mean(), dim))
 
 
 @METRICS.register("objective", direction="max", label="J", doc="E[r] − α·KL, the KL-regularized objective",

@@ -60,6 +60,8 @@ class GMMConfig:
     "hidden layers of the residual MLP (the learned base has layers + 1)"
     cm_steps: int = 20
     "Heun steps (2·n − 1 denoiser calls) of the reference probability-flow ODE that serves as SQDF's exact consistency model"
+    init_seed: int = 0
+    "seed of the residual's (random) hidden-layer initialization; its output layer starts at zero"
     learned_iterations: int = 4000
     "pretraining iterations of the learned base"
     learned_batch: int = 512
@@ -87,7 +89,16 @@ def toy_schedule() -> NoiseSchedule:
 
 class GMMBackbone(Backbone):
     """Mixture denoiser: ε_ref = exact mixture ε (or a frozen learned MLP); ε_θ = ε_ref + residual
-    (or a trainable copy of the learned MLP)."""
+    (or a trainable copy of the learned MLP).
+
+    The residual is √ᾱ_t·net(x, t, c) with a zero-initialized output layer. √ᾱ_t is how the exact
+    optimal correction vanishes at high noise: the optimum is the Doob transform
+    ε* − ε_ref = −√ᾱ/√(1−ᾱ) · (E*[x0|x_t] − E[x0|x_t]), whose posterior-mean difference stays O(1)
+    as ᾱ → 0 (x_T carries no information about x0, so any deviation there is pure KL). Without the
+    factor, an MLP shared across t spills corrections learned at mid noise into the first steps,
+    and methods whose signal is sparse in t (one step per trajectory) pay KL for it. At low noise
+    the factor is ≈ 1, so methods that act on the last steps (DRaFT-1) are not slowed down.
+    """
 
     def __init__(
         self,
@@ -107,7 +118,9 @@ class GMMBackbone(Backbone):
         self.cm_steps = cfg.cm_steps
         self._alpha = schedule.alphas_cumprod.float()
         if learned is None:
-            self.residual = TimeMLP(mixture.dim, cond_dim, cfg.hidden, cfg.layers, zero_out=True)
+            with torch.random.fork_rng():  # deterministic init (hidden layers), global RNG untouched
+                torch.manual_seed(cfg.init_seed)
+                self.residual = TimeMLP(mixture.dim, cond_dim, cfg.hidden, cfg.layers, zero_out=True)
             self.base_net = None
             self.policy_net = None
         else:
@@ -129,7 +142,8 @@ class GMMBackbone(Backbone):
     def policy_eps(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         if self.policy_net is not None:
             return self.policy_net(x, t, cond)
-        return self.mixture.eps(x, self._ab(t)) + self.residual(x, t, cond)
+        a = self._ab(t)
+        return self.mixture.eps(x, a) + a.sqrt()[:, None] * self.residual(x, t, cond)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         net = self.policy_net if self.policy_net is not None else self.residual
