@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> Path:
     backbone, reward = build(size, device, dtype, args.lora_rank)
     build_s = time.perf_counter() - t0
     unet_f, vae_f = unet_flops(backbone)
-    label = ("cpu-tiny" if args.tiny else torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    label = (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu") + ("-tiny" if args.tiny else "")
     peak = peak_tflops(label) if device.type == "cuda" else None
     res: dict[str, Any] = {
         "device_label": label,

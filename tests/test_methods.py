@@ -4,7 +4,8 @@ On a tiny mixture backbone (gmm-trap with a learned base, so frozen parameters e
 * same seed -> bit-identical stats and parameters;
 * trainable parameters change, frozen ones do not;
 * stats are finite floats under "train/";
-* state_dict/load_state_dict resumes bit-for-bit (2 + 2 steps == 4 steps).
+* state_dict/load_state_dict resumes bit-for-bit (2 + 2 steps == 4 steps);
+* methods with a KL term: its value and gradient are 0 at init (the first gradient ignores α).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from bench.clock import PhaseClock
 from bench.config import apply_dict
@@ -49,11 +51,11 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return build_task("gmm-trap", GMMConfig(base="learned", learned_iterations=200, learned_batch=256))
 
 
-def make(method: str, task: Any, seed: int = 0) -> Any:
+def make(method: str, task: Any, seed: int = 0, alpha: float = 1.0) -> Any:
     backbone = task.build_backbone()
     clock = PhaseClock()
     reward = CountingReward(task.build_reward(task.default_reward), clock)
-    ctx = TrainContext(backbone, reward, list(task.train_prompts), 1.0, SamplerConfig(steps=6), seed, clock, task)
+    ctx = TrainContext(backbone, reward, list(task.train_prompts), alpha, SamplerConfig(steps=6), seed, clock, task)
     return METHODS.get(method)(tiny_config(method), ctx)
 
 
@@ -109,6 +111,44 @@ def test_resume_is_bit_exact(method: str, task: Any) -> None:
     assert first + second == ref_stats
     pr, pb = params(ref), params(b)
     assert all(torch.equal(pr[k], pb[k]) for k in pr)
+
+
+class _FirstPolicyStep(Exception):
+    pass
+
+
+def first_policy_gradient(m: Any) -> list[torch.Tensor]:
+    """The gradient of the trainable backbone parameters at the method's first optimizer step
+    (steps of other optimizers, such as proxy or value models, pass through)."""
+    mine = {id(p) for p in m.trainable_parameters()}
+    grads: list[torch.Tensor] = []
+
+    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        ps = [p for g in opt.param_groups for p in g["params"] if id(p) in mine]
+        if ps:
+            grads.extend(torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in ps)
+            raise _FirstPolicyStep
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        m.train_step()
+    except _FirstPolicyStep:
+        pass
+    finally:
+        handle.remove()
+    assert grads, "the method never stepped an optimizer over its trainable parameters"
+    return grads
+
+
+@pytest.mark.parametrize("method", [n for n in METHOD_NAMES if METHODS.get(n).uses_alpha])
+def test_kl_term_and_its_gradient_are_zero_at_init(method: str, task: Any) -> None:
+    """At initialization policy ≡ reference, so every KL term and its gradient are exactly 0: the
+    first policy gradient cannot depend on the KL weight α."""
+    g1 = first_policy_gradient(make(method, task, alpha=1.0))
+    g2 = first_policy_gradient(make(method, task, alpha=37.0))
+    assert any(bool(g.abs().sum() > 0) for g in g1), "the first gradient is zero"
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
