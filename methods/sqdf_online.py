@@ -47,61 +47,23 @@ from typing import Any
 from bench.registry import METHODS
 from methods.base import AlignmentMethod, TrainContext
 from methods.common import adamw, check_choice
-from methods.proxy import OnlineRounds, check_online_fields, check_proxy_fields
+from methods.proxy import OnlineConfig, OnlineRounds, check_online_fields, check_proxy_fields
 from methods.sqdf import SQDF, ReplayBuffer, SQDFConfig
 from rewards.base import CountingReward
 
 
 @dataclass(frozen=True)
-class SQDFOnlineConfig:
+class SQDFOnlineConfig(OnlineConfig):
     """SQDF-online hyperparameters (defaults: SQDF's BBO script, sqdf.md §13.3)."""
 
     optimism: str = "bootstrap"
     "optimistic proxy: bootstrap (max over heads; the paper's SQDF-Bootstrap), ucb, or none"
-    queries_total: int = 0
-    "oracle queries over all rounds; 0 = the run's train.query_budget"
-    rounds: int = 4
-    "rounds of oracle queries"
-    round_growth: float = 2.0
-    "each round queries this many times the previous one (2: 1/2/4/8 of the total)"
-    query_batch: int = 256
-    "samples per no-grad sampling batch when querying"
     updates_per_round: int = 40
     "SQDF updates per round (the script: 20 epochs × 2)"
     reset_buffer: bool = True
     "empty the replay buffer at every round's start (buffer_init_per_loop)"
     reset_optimizer: bool = True
     "a fresh AdamW every round (the code)"
-    proxy_heads: int = 4
-    "bootstrap heads (optimism=bootstrap)"
-    proxy_hidden: tuple[int, ...] = (1024, 128, 64, 16)
-    "hidden widths of the proxy MLP; the last one is the UCB feature dimension"
-    proxy_dropout: tuple[float, ...] = (0.2, 0.2, 0.1, 0.0)
-    "dropout after each hidden layer while fitting"
-    proxy_activation: str = "none"
-    "none (the code's LAION-aesthetic MLP is linear), silu or relu"
-    proxy_epochs: int = 300
-    "epochs per refit"
-    proxy_batch: int = 512
-    "minibatch size of the refit"
-    proxy_lr: float = 1e-3
-    "Adam learning rate of the refit (a fresh Adam each round, warm-started weights)"
-    proxy_standardize: bool = False
-    "fit on labels standardized by the queried data's mean/std, mapped back on prediction (the code fits raw labels)"
-    proxy_val_fraction: float = 0.05
-    "fraction of the queried data held out for validation"
-    proxy_val_split: str = "newest"
-    "newest (the code: the last queries, no shuffle) or random"
-    proxy_select: str = "last"
-    "last (what the code effectively keeps) or best (lowest validation MAE)"
-    ucb_alpha: float = 1e-2
-    "UCB bonus scale α_ucb (optimism=ucb)"
-    ucb_lambda: float = 1e-3
-    "ridge λ of (Σ + λI)⁻¹"
-    ucb_clip: float = 10.0
-    "upper clip of the bonus"
-    ucb_cov: str = "cov"
-    "cov: centered torch.cov of the features (the code); gram: Σ_j h_j h_jᵀ (linear UCB)"
     gamma: float = 0.9
     "SQDF discount γ ∈ (0, 1]"
     x0_predictor: str = "consistency"
