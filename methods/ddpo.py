@@ -236,6 +236,18 @@ class PerPromptStatTracker:
         self.stats = {k: deque(v, maxlen=self.buffer_size) for k, v in s["stats"].items()}
 
 
+def log_ratio_stats(info: dict[str, list[float]], log_ratio: Tensor, per_item: Tensor, clip_range: float) -> Tensor:
+    """Append a minibatch's PPO diagnostics to `info` (loss, mean ratio, clip fraction, approx KL
+    ½·E[(log r)²]); returns the ratio exp(log r), detached."""
+    dr = log_ratio.detach()
+    ratio = torch.exp(dr)
+    info["loss"].append(float(per_item.detach().mean()))
+    info["ratio"].append(float(ratio.mean()))
+    info["clipfrac"].append(float(((ratio - 1.0).abs() > clip_range).float().mean()))
+    info["approx_kl"].append(float(0.5 * (dr**2).mean()))
+    return ratio
+
+
 def ppo_clip_loss(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> Tensor:
     """PPO's clipped surrogate per item: max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), ρ = exp(log_ratio).
 
@@ -462,12 +474,7 @@ class DDPO(AlignmentMethod):
                                 info["kl"].append(float(terms.kl.detach().mean()))
                             (per_item.sum() / norm).backward()
                             with torch.no_grad():
-                                dr = log_ratio.detach()
-                                ratio = torch.exp(dr)
-                                info["loss"].append(float(per_item.detach().mean()))
-                                info["ratio"].append(float(ratio.mean()))
-                                info["clipfrac"].append(float(((ratio - 1.0).abs() > cfg.clip_range).float().mean()))
-                                info["approx_kl"].append(float(0.5 * (dr**2).mean()))
+                                ratio = log_ratio_stats(info, log_ratio, per_item, cfg.clip_range)
                                 if first_group:
                                     ratio_first = max(ratio_first, float((ratio - 1.0).abs().max()))
                     info["grad_norm"].append(optimizer_step(self.optimizer, self.params, cfg.grad_clip))

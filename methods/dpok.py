@@ -90,7 +90,7 @@ from bench.diffusion import draw_noise, rollout
 from bench.registry import METHODS
 from methods.base import AlignmentMethod, TrainContext
 from methods.common import check_choice, check_range, optimizer_step, require, sample_prompts
-from methods.ddpo import RATIO_WARN, ppo_clip_loss, ratio_clamp_loss, recompute_transition, reduce_dims
+from methods.ddpo import RATIO_WARN, log_ratio_stats, ppo_clip_loss, ratio_clamp_loss, recompute_transition, reduce_dims
 
 log = logging.getLogger(__name__)
 
@@ -413,12 +413,7 @@ class PPOKL(AlignmentMethod):
                         per_item = per_item + ctx.alpha * kl_term
                     (per_item.mean() / accum).backward()
                     with torch.no_grad():
-                        dr = log_ratio.detach()
-                        ratio = torch.exp(dr)
-                        info["loss"].append(float(per_item.detach().mean()))
-                        info["ratio"].append(float(ratio.mean()))
-                        info["clipfrac"].append(float(((ratio - 1.0).abs() > cfg.clip_range).float().mean()))
-                        info["approx_kl"].append(float(0.5 * (dr**2).mean()))
+                        ratio = log_ratio_stats(info, log_ratio, per_item, cfg.clip_range)
                         info["kl"].append(float(terms.kl.detach().mean()))
                         info["adv"].append(float(adv.abs().mean()))
                 info["grad_norm"].append(optimizer_step(self.optimizer, self.params, cfg.grad_clip))

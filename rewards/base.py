@@ -43,20 +43,12 @@ class Reward(ABC):
         return {"name": self.name, "version": self.version, "differentiable": self.differentiable}
 
 
-class BudgetExhausted(BenchError):
-    """A method asked for more reward (oracle) queries than its budget allows."""
+class RewardWrapper(Reward):
+    """A reward that delegates to `inner`: same name, version and differentiability. Subclasses
+    change how it is called (counting, device placement, ...), never what it scores."""
 
-
-class CountingReward(Reward):
-    """Wraps a reward: counts queries (one per sample), times them under the "reward" phase and
-    enforces an optional query budget. Every method's training reward goes through one, so query
-    counts are comparable across methods."""
-
-    def __init__(self, inner: Reward, clock: PhaseClock | None = None, budget: int | None = None) -> None:
+    def __init__(self, inner: Reward) -> None:
         self.inner = inner
-        self.clock = clock or PhaseClock()
-        self.budget = budget
-        self.queries = 0
 
     @property  # type: ignore[override]
     def name(self) -> str:
@@ -69,6 +61,23 @@ class CountingReward(Reward):
     @property  # type: ignore[override]
     def differentiable(self) -> bool:
         return self.inner.differentiable
+
+
+class BudgetExhausted(BenchError):
+    """A method asked for more reward (oracle) queries than its budget allows."""
+
+
+class CountingReward(RewardWrapper):
+    """Wraps a reward: counts queries (one per sample), times them under the "reward" phase and
+    enforces an optional query budget. Every method's training reward goes through one, so query
+    counts are comparable across methods."""
+
+    def __init__(self, inner: Reward, clock: PhaseClock | None = None, budget: int | None = None) -> None:
+        super().__init__(inner)
+        self.clock = clock or PhaseClock()
+        self.budget = budget
+        self.queries = 0
+
 
     def remaining(self) -> int | None:
         return None if self.budget is None else self.budget - self.queries

@@ -76,7 +76,7 @@ from bench.diffusion import NoiseSchedule, alpha_nats_from_sqdf
 from bench.errors import BenchError
 from bench.registry import METRICS, REWARDS, TASKS
 from bench.tasks.base import Backbone, SamplerConfig, Task
-from rewards.base import Reward
+from rewards.base import Reward, RewardWrapper
 
 IMAGE_REWARDS = ("aesthetic", "hps-v2.0", "hps-v2.1", "imagereward", "clip-score", "pickscore")
 "the differentiable image rewards of the SD tasks (rewards/*.py)"
@@ -336,24 +336,9 @@ class NoisyAestheticOracle(Reward):
         return r + (self.noise_std * self.label_noise(x)).to(x.device, torch.float32)
 
 
-class OnCallerDevice(Reward):
+class OnCallerDevice(RewardWrapper):
     """A reward model seen from the methods: scores come back as float32 on the images' device
     (the models run on the task's device; methods keep their tensors on the CPU, deviation 3)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    @property  # type: ignore[override]
-    def name(self) -> str:
-        return self.inner.name
-
-    @property  # type: ignore[override]
-    def version(self) -> int:
-        return self.inner.version
-
-    @property  # type: ignore[override]
-    def differentiable(self) -> bool:
-        return self.inner.differentiable
 
     def score(self, x: Tensor, prompts: Sequence[str]) -> Tensor:
         return self.inner(x, prompts).to(x.device, torch.float32)
