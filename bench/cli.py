@@ -437,7 +437,7 @@ def status(
 def plot(
     paths: List[Path] = typer.Argument(..., help="run folders, or folders containing them"),
     out: Path = typer.Option(Path("results/figures"), "--out", help="folder for the figures"),
-    kinds: str = typer.Option("training,pareto,curves,samples", "--kind", help="comma-separated: training (Fig. 3), pareto (Fig. 4), curves, samples"),
+    kinds: str = typer.Option("training,pareto,curves,samples", "--kind", help="comma-separated: training (Fig. 3), pareto (Fig. 4), curves, samples, queries (online runs: metrics against oracle queries)"),
     formats: str = typer.Option("png,pdf", "--format", help="comma-separated file formats"),
     x_metric: str = typer.Option("path_kl", "--x", help="pareto: metric on the x axis"),
     y_metric: str = typer.Option("reward", "--y", help="pareto: metric on the y axis"),

@@ -287,11 +287,11 @@ def make_figures(results: list[dict[str, Any]], out_dir: Path, kinds: Sequence[s
     from bench.runner import MetricLog, build_task, reference_rows
     from bench.table import _row_labels, groups
 
-    unknown = sorted(set(kinds) - {"training", "pareto", "curves", "samples"})
+    unknown = sorted(set(kinds) - {"training", "pareto", "curves", "samples", "queries"})
     if unknown:
         from bench.errors import BenchError
 
-        raise BenchError(f"unknown figure kinds {unknown}; known: training, pareto, curves, samples")
+        raise BenchError(f"unknown figure kinds {unknown}; known: training, pareto, curves, samples, queries")
     out_dir = Path(out_dir)
     written: dict[str, list[Path]] = {k: [] for k in kinds}
 
@@ -345,6 +345,26 @@ def make_figures(results: list[dict[str, Any]], out_dir: Path, kinds: Sequence[s
                 plot_curves(lc, {m: label(m) for m in ms}, path, f"{task} · {reward} · α={alpha:g} (mean over seeds, band: min–max)",
                             targets=ref.get("p* (closed form)"))
                 written["curves"].append(path)
+        if "queries" in kinds:  # online runs: held-out metrics against the oracle queries spent so far
+            ms = [m for m in ("gold_reward", "reward", "path_kl") if m in task_cls.metrics]
+            qc: dict[str, list[tuple[list[float], list[float]]]] = {}
+            for lab, rs in _row_labels(runs).items():
+                for r in rs:
+                    spent, pts_q = 0.0, {m: ([], []) for m in ms}
+                    for rec in MetricLog(Path(r["_dir"]) / "metrics.jsonl").read():
+                        spent = float(rec.get("budget/reward_queries", spent))
+                        for m in ms:
+                            if f"eval/{m}" in rec:
+                                pts_q[m][0].append(spent)
+                                pts_q[m][1].append(float(rec[f"eval/{m}"]))
+                    for m in ms:
+                        qc.setdefault(f"{m}|{lab}", []).append(pts_q[m])
+            if qc:
+                for fmt in formats:
+                    path = out_dir / f"{tag}_queries.{fmt}"
+                    plot_curves(qc, {m: label(m) for m in ms}, path, f"{task} · {reward} · α={alpha:g}: against oracle queries (mean over seeds, band: min–max)",
+                                xlabel="oracle queries")
+                    written["queries"].append(path)
         if "samples" in kinds:
             images: dict[str, list[tuple[str, Path]]] = {}
             for lab, rs in _row_labels(runs).items():

@@ -149,3 +149,33 @@ def test_bench_plot_writes_every_kind(tmp_path: Path, monkeypatch: pytest.Monkey
     assert list((root / "_reference").glob("gmm-ring8_quadratic_a1_*.json")), "reference rows are cached beside the runs"
     res = CliRunner().invoke(app, ["plot", str(root), "--out", str(tmp_path / "x"), "--kind", "nosuch"])
     assert res.exit_code != 0
+
+
+def test_queries_figure_puts_oracle_queries_on_the_x_axis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online runs: each evaluation is placed at the oracle queries spent before it."""
+    root = tmp_path / "runs"
+    fake_runs(root)
+    for mfile in root.glob("gmm-ring8/*/*/metrics.jsonl"):  # interleave budget records as the runner logs them
+        evals = [json.loads(line) for line in mfile.read_text().splitlines()]
+        recs = []
+        for k, e in enumerate(evals):
+            recs.append({"iteration": e["iteration"], "train/loss": 0.0, "budget/reward_queries": 128 * k})
+            recs.append(e)
+        mfile.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    seen: dict[str, Any] = {}
+    real_save = plots._save
+
+    def spy_save(fig: Any, path: Path) -> None:
+        seen[Path(path).name] = [(ax.get_xlabel(), ax.get_ylabel(), [list(line.get_xdata()) for line in ax.get_lines()]) for ax in fig.axes]
+        real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy_save)
+    out = tmp_path / "figs"
+    res = CliRunner().invoke(app, ["plot", str(root), "--out", str(out), "--kind", "queries", "--format", "png", "--no-reference"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["gmm-ring8_quadratic_a0.3_queries.png", "gmm-ring8_quadratic_a1_queries.png"]
+    check_file(out / "gmm-ring8_quadratic_a1_queries.png")
+    panels = seen["gmm-ring8_quadratic_a1_queries.png"]
+    assert [x for x, _, _ in panels] == ["oracle queries"] * len(panels)
+    assert [y for _, y, _ in panels][:2] == [METRICS.entry("reward").meta["label"], METRICS.entry("path_kl").meta["label"]]
+    assert panels[0][2][0] == [0.0, 128.0, 256.0]
