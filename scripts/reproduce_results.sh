@@ -11,4 +11,5 @@ $B run --suite alpha-sweep --quiet               # results/alpha-sweep/
 $B plot runs/gmm-ring8/sqdf runs/gmm-ring8/draft-kl runs/gmm-ring8/ddpo-kl --kind pareto --out results/alpha-sweep/figures
 $B run --suite online --quiet                    # results/online/
 $B prepare digits
-$B run --suite digits --quiet                    # results/digits/
+$B run --suite digits --quiet                    # results/digits/ (aesthetic reward)
+$B run --suite digits-classifier --quiet         # results/digits-classifier/
