@@ -8,8 +8,10 @@ $B run --quiet                                   # results/default/        (the 
 $B run --suite baselines --quiet                 # results/baselines/
 $B run --suite ablations-sqdf --quiet            # results/ablations-sqdf/
 $B run --suite alpha-sweep --quiet               # results/alpha-sweep/
-$B plot runs/gmm-ring8/sqdf runs/gmm-ring8/draft-kl runs/gmm-ring8/ddpo-kl --kind pareto --out results/alpha-sweep/figures
+runs_of() { .venv/bin/python -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))))" "results/$1/runs.json"; }
+$B plot $(runs_of alpha-sweep) --kind pareto --out results/alpha-sweep/figures      # Fig. 4: fronts vs the exact front
 $B run --suite online --quiet                    # results/online/
+$B plot $(runs_of online) --kind queries --out results/online/figures           # gold reward against oracle queries
 $B prepare digits
 $B run --suite digits --quiet                    # results/digits/ (aesthetic reward)
 $B run --suite digits-classifier --quiet         # results/digits-classifier/
