@@ -40,7 +40,7 @@ def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["--task", "gmm-ring8", "--methods", "sqdf", "--set", "method.nope=1"], "unknown key method.nope; method keys: method.gamma"),
         (["--task", "gmm-ring8", "--methods", "sqdf", "--set", "a.b.c=1"], "malformed --set key 'a.b.c'"),
         (["--task", "gmm-ring8", "--methods", "sqdf", "--seeds", "x"], "--seeds must be comma-separated integers"),
-        (["--suite", "nope"], "unknown suite 'nope'; known suites: default"),
+        (["--suite", "nope"], "unknown suite 'nope'; known suites: ablations-sqdf, alpha-sweep, baselines, default"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path: Path, args: list[str], needle: str) -> None:
