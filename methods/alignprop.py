@@ -91,14 +91,7 @@ class AlignPropConfig:
     "gradient checkpointing of each gradient-carrying denoiser call"
 
     def __post_init__(self) -> None:
-        check_truncation_fields(self)
-        check_choice("method.loss", self.loss, ("neg", "abs_target"))
-        check_range("method.loss_scale", self.loss_scale, 0.0, lo_open=True)
-        check_range("method.batch_size", self.batch_size, 1)
-        check_range("method.micro_batch", self.micro_batch, 0)
-        check_range("method.lr", self.lr, 0.0, lo_open=True)
-        check_range("method.weight_decay", self.weight_decay, 0.0)
-        check_range("method.grad_clip", self.grad_clip, 0.0)
+        check_reward_backprop_fields(self)
 
     @classmethod
     def smoke(cls) -> "AlignPropConfig":
@@ -109,6 +102,18 @@ class AlignPropConfig:
 # --------------------------------------------------------------------------------------------------
 # Truncation and loss, shared with SEIKO
 # --------------------------------------------------------------------------------------------------
+
+
+def check_reward_backprop_fields(cfg: Any) -> None:
+    """Validate the fields AlignProp and SEIKO share: truncation, loss, batch, optimizer."""
+    check_truncation_fields(cfg)
+    check_choice("method.loss", cfg.loss, ("neg", "abs_target"))
+    check_range("method.loss_scale", cfg.loss_scale, 0.0, lo_open=True)
+    check_range("method.batch_size", cfg.batch_size, 1)
+    check_range("method.micro_batch", cfg.micro_batch, 0)
+    check_range("method.lr", cfg.lr, 0.0, lo_open=True)
+    check_range("method.weight_decay", cfg.weight_decay, 0.0)
+    check_range("method.grad_clip", cfg.grad_clip, 0.0)
 
 
 def check_truncation_fields(cfg: Any) -> None:

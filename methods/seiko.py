@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from bench.diffusion import DenoiserFn, draw_noise, rollout_with_grad
 from bench.registry import METHODS
-from methods.alignprop import check_truncation_fields, check_truncation_for, draw_truncation, micro_batches, reward_loss
+from methods.alignprop import check_reward_backprop_fields, check_truncation_for, draw_truncation, micro_batches, reward_loss
 from methods.base import AlignmentMethod, TrainContext
 from methods.common import adamw, check_choice, check_range, optimizer_step, require, sample_prompts
 from methods.proxy import OnlineConfig, OnlineRounds, check_online_fields, check_proxy_fields
@@ -117,14 +117,7 @@ class SEIKOConfig(OnlineConfig):
         check_choice("method.optimism", self.optimism, ("auto", "ucb", "bootstrap", "none"))
         check_online_fields(self)
         check_proxy_fields(self)
-        check_truncation_fields(self)
-        check_choice("method.loss", self.loss, ("neg", "abs_target"))
-        check_range("method.loss_scale", self.loss_scale, 0.0, lo_open=True)
-        check_range("method.batch_size", self.batch_size, 1)
-        check_range("method.micro_batch", self.micro_batch, 0)
-        check_range("method.lr", self.lr, 0.0, lo_open=True)
-        check_range("method.weight_decay", self.weight_decay, 0.0)
-        check_range("method.grad_clip", self.grad_clip, 0.0)
+        check_reward_backprop_fields(self)
 
     @classmethod
     def smoke(cls) -> "SEIKOConfig":
