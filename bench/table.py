@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -79,10 +79,23 @@ def _row_labels(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
             continue
         dicts = {h: _flat_cfg(rs[0]) for h, rs in cfgs.items()}
         keys = sorted({k for d in dicts.values() for k in d if len({json.dumps(dd.get(k)) for dd in dicts.values()}) > 1})
+        ref = _reference_config(dicts, keys)
         for h, rs in cfgs.items():
-            label = m + " (" + ", ".join(f"{k}={dicts[h].get(k)}" for k in keys) + ")"
-            rows[label] = rs
+            shown = keys if h == ref else [k for k in keys if json.dumps(dicts[h].get(k)) != json.dumps(dicts[ref].get(k))]
+            rows[m + " (" + ", ".join(f"{k}={dicts[h].get(k)}" for k in shown) + ")"] = rs
     return rows
+
+
+def _reference_config(dicts: dict[str, dict[str, Any]], keys: list[str]) -> str:
+    """The config that shares the most fields with the others (ties: the first listed).
+
+    Its row lists every varying field; every other row lists only the fields where it differs from
+    it (an ablation table reads "sqdf (gamma=0.9)", not the whole config on each row). Labels stay
+    unique: two configs that differ from the reference in the same fields with the same values are
+    the same config.
+    """
+    common = {k: Counter(json.dumps(d.get(k)) for d in dicts.values()) for k in keys}
+    return max(dicts, key=lambda h: sum(common[k][json.dumps(dicts[h].get(k))] for k in keys))
 
 
 def _flat_cfg(r: dict[str, Any]) -> dict[str, Any]:

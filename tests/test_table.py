@@ -199,3 +199,19 @@ def test_groups_split_by_task_reward_alpha() -> None:
     g = groups(rs + [other])
     assert list(g) == [("gmm-ring8", "quadratic", 0.3), ("gmm-ring8", "quadratic", 1.0)]
     assert len(g[("gmm-ring8", "quadratic", 1.0)]) == 5
+
+
+def test_ablation_rows_name_only_what_differs_from_the_common_config() -> None:
+    base = {"gamma": 1.0, "x0_predictor": "tweedie", "ddim_steps": 2, "use_buffer": True}
+    variants = [base, {**base, "gamma": 0.9}, {**base, "x0_predictor": "ddim"}, {**base, "x0_predictor": "ddim", "ddim_steps": 4},
+                {**base, "gamma": 0.9, "x0_predictor": "consistency"}, {**base, "use_buffer": False}]
+    rs = [final("sqdf", s, VALUES["sqdf"][s], config=cfg) for cfg in variants for s in range(2)]
+    labels = [line.split(" | ")[0].lstrip("| ") for line in make_table(rs, None, columns=COLUMNS).splitlines() if line.startswith("| sqdf")]
+    assert labels == [
+        "sqdf (ddim_steps=2, gamma=1.0, use_buffer=True, x0_predictor=tweedie)",  # the reference row lists every varying field
+        "sqdf (gamma=0.9)",
+        "sqdf (x0_predictor=ddim)",
+        "sqdf (ddim_steps=4, x0_predictor=ddim)",
+        "sqdf (gamma=0.9, x0_predictor=consistency)",
+        "sqdf (use_buffer=False)",
+    ]

@@ -133,6 +133,11 @@ else
 JobAcctGatherType=jobacct_gather/none"
 fi
 
+# A requeued job is held (BeginTime) for cred_expire + 1 s before it may start again: its old job
+# credential is revoked on the node until then, and a job started inside that window is killed at
+# launch ("Job credential revoked"). Slurm's default is 120 s; 10 s keeps a requeue test short.
+CRED_EXPIRE=${CRED_EXPIRE:-10}
+
 # ---- slurm.conf ----------------------------------------------------------------------------------------
 # FirstJobId from the clock: job ids never restart at 1 when the state directory is fresh, so an id
 # cannot collide with one a previous cluster handed out (submitit folders keyed by job id).
@@ -143,7 +148,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$SOCK
+AuthInfo=socket=$SOCK,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$SLURM_ROOT/state
 SlurmdSpoolDir=$SLURM_ROOT/spool
 SlurmctldPidFile=$SLURM_ROOT/slurmctld.pid
