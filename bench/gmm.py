@@ -228,13 +228,22 @@ class TiltedMixture:
     expected_reward: float
     kl: float  # KL(p* ‖ p_pre), nats
     level: float = 1.0  # the ᾱ at which the mixtures live
+    # When p* keeps only some of the base's components (p_pre(x | c) on gmm-grid25 at α = 1): the
+    # base's index of each of `mixture`'s components. Modes are then the base's, so a sample far
+    # from every kept component still counts against p* instead of joining the nearest kept one.
+    components: Tensor | None = None
 
     @property
     def mode_weights(self) -> Tensor:
-        return self.mixture.weights
+        """p*'s weight on each of the base's modes (one entry per base component)."""
+        if self.components is None:
+            return self.mixture.weights
+        w = torch.zeros(self.base.k, dtype=self.mixture.weights.dtype)
+        return w.index_add_(0, self.components, self.mixture.weights)
 
     def assign(self, x: Tensor) -> Tensor:
-        return self.mixture.assign(x)
+        """Mode label of each sample, indexing `mode_weights`."""
+        return self.mixture.assign(x) if self.components is None else self.base.assign(x)
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         return self.mixture.sample(n, generator)[0]

@@ -154,6 +154,23 @@ def test_grid25_alpha_one_target_is_the_sub_mixture() -> None:
     assert held == ["diagonal", "anti-diagonal"] and not set(held) & set(task.train_prompts)
 
 
+def test_grid25_mode_metrics_count_every_base_mode_at_every_alpha() -> None:
+    """At α = 1 p* is the closed-form sub-mixture, at α ≠ 1 a quadrature target; both must score
+    modes over the base's 25, so the base (samples spread over the whole grid) is far from p* at
+    both, and a p* draw is near it at both. (The sub-mixture once assigned every sample to one of
+    its own 5 components, which put the base next to p*: mode TV 0.04, recall 1.)"""
+    task = build_task("gmm-grid25", TASKS.get("gmm-grid25").Config())
+    x_base = task.terminal.sample(4000, torch.Generator().manual_seed(1))[0]
+    for alpha in (1.0, 0.5, 1.0 - 1e-6):
+        t = task.target("log-classifier", alpha, "row 2")
+        w = t.mode_weights
+        assert w.shape == (25,) and float(w.sum()) == pytest.approx(1.0, abs=1e-6)
+        assert set(torch.nonzero(w > 0.01).flatten().tolist()) == set(task.label_sets["row 2"])
+        for x, lo, hi in ((x_base, 0.75, 0.85), (t.sample(4000, torch.Generator().manual_seed(2)), 0.0, 0.05)):
+            frac = torch.bincount(t.assign(x), minlength=25).double() / x.shape[0]
+            assert lo <= float(0.5 * (frac - w).abs().sum()) <= hi, (alpha, lo, hi)
+
+
 def test_sub64_target_stays_on_the_plane() -> None:
     task = build_task("gmm-sub64", TASKS.get("gmm-sub64").Config())
     t = task.target("linear", 1.0, "")

@@ -329,7 +329,9 @@ def _grid25_label_sets() -> tuple[dict[str, list[int]], list[str], list[str]]:
 @TASKS.register("gmm-grid25", doc="25-mode grid, prompts = label sets (diagonals held out), reward log p(c|x)")
 class Grid25Task(GMMTask):
     name = "gmm-grid25"
-    version = 1
+    # 2: at α = 1, mode TV / recall count samples by the base's 25 modes (v1 assigned every sample to
+    # one of the label set's own modes, so off-set samples were not counted against p*)
+    version = 2
     default_reward = "log-classifier"
     default_alphas = (1.0, 0.5)
     grid_bound = 13.0
@@ -379,7 +381,8 @@ class Grid25Task(GMMTask):
             log_z = float(torch.log(self.terminal.weights[ks].sum()))
             x = sub.sample(50_000, torch.Generator().manual_seed(31))[0]
             e_r = float(r(x, [prompt] * x.shape[0]).double().mean())
-            return TiltedMixture(sub, self.terminal, alpha, log_z, e_r, e_r - log_z, self.schedule.final_alpha_cumprod)
+            return TiltedMixture(sub, self.terminal, alpha, log_z, e_r, e_r - log_z, self.schedule.final_alpha_cumprod,
+                                 components=torch.as_tensor(ks, dtype=torch.long))
         return GridTarget(self.quadrature, lambda x: r(x, [prompt] * x.shape[0]), alpha)
 
 
