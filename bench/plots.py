@@ -104,7 +104,10 @@ def plot_curves(curves: dict[str, list[tuple[list[float], list[float]]]], metric
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric_labels.get(m, m))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    if len(methods) > 3:  # many rows (an ablation): the legend beside the last panel, not over the first
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    else:
+        axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)

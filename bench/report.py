@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,11 @@ CURVE_METRICS = ("reward", "gap", "path_kl", "mode_tv")
 
 def _slug(*parts: Any) -> str:
     return "_".join(str(p).replace(" ", "-").replace("/", "-") for p in parts)
+
+
+def _label_slug(label: str) -> str:
+    """A table row label as a file-name part: "sqdf (gamma=0.9, use_buffer=False)" -> "sqdf_gamma-0.9_use_buffer-False"."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", label.replace("=", "-")).strip("_")
 
 
 def write_report(name: str, results: list[dict[str, Any]], runs_root: Path, results_root: Path, description: str = "") -> Path:
@@ -47,27 +53,27 @@ def write_report(name: str, results: list[dict[str, Any]], runs_root: Path, resu
         ref = reference_rows(task, cfg0.task_cfg, reward, alpha, cfg0.sampler, cfg0.train.final_eval_samples, runs_root)
         md.append(make_table(runs, ref))
         rows_csv += long_rows(runs, ref)
-        # figures: one sample plot per method (lowest seed), learning curves over seeds
-        by_method: dict[str, list[dict[str, Any]]] = {}
-        for r in runs:
-            by_method.setdefault(r["method"]["name"], []).append(r)
+        # figures, per table row (a method, or one config of it): the lowest seed's samples, and
+        # learning curves over seeds
+        rows = _row_labels(runs)
         figs = []
-        for m, rs in by_method.items():
+        for label, rs in rows.items():
             r0 = min(rs, key=lambda r: r["seed"])
             src = Path(r0["_dir"]) / "samples.png"
             if src.exists():
-                dst = fig_dir / f"{_slug(task, reward, 'a' + format(alpha, 'g'), m)}_samples.png"
+                dst = fig_dir / f"{_slug(task, reward, 'a' + format(alpha, 'g'), _label_slug(label))}_samples.png"
                 shutil.copyfile(src, dst)
-                figs.append(f"[{m}](figures/{dst.name})")
+                figs.append(f"[{label}](figures/{dst.name})")
         curves: dict[str, list[tuple[list[float], list[float]]]] = {}
         task_metrics = TASKS.get(task).metrics
-        for r in runs:
-            evals = [rec for rec in MetricLog(Path(r["_dir"]) / "metrics.jsonl").read() if any(k.startswith("eval/") for k in rec)]
-            for m in CURVE_METRICS:
-                if m in task_metrics:
-                    xs = [e["iteration"] for e in evals if f"eval/{m}" in e]
-                    ys = [e[f"eval/{m}"] for e in evals if f"eval/{m}" in e]
-                    curves.setdefault(f"{m}|{r['method']['name']}", []).append((xs, ys))
+        for label, rs in rows.items():
+            for r in rs:
+                evals = [rec for rec in MetricLog(Path(r["_dir"]) / "metrics.jsonl").read() if any(k.startswith("eval/") for k in rec)]
+                for m in CURVE_METRICS:
+                    if m in task_metrics:
+                        xs = [e["iteration"] for e in evals if f"eval/{m}" in e]
+                        ys = [e[f"eval/{m}"] for e in evals if f"eval/{m}" in e]
+                        curves.setdefault(f"{m}|{label}", []).append((xs, ys))
         curve_png = fig_dir / f"{_slug(task, reward, 'a' + format(alpha, 'g'))}_curves.png"
         labels = {m: METRICS.entry(m).meta.get("label", m) for m in CURVE_METRICS}
         plot_curves(curves, labels, curve_png, f"{task} · {reward} · α={alpha:g}", targets=ref.get("p* (closed form)"))

@@ -1,9 +1,10 @@
 """Paper-style tables from run folders: methods × metrics, mean ± std over seeds with n.
 
 Runs are grouped by (task, reward, α); within a group, rows are methods (a method run with several
-configs gets one row per config, labelled by the fields that differ). Reference rows (exact
+configs gets one row per config: the config sharing the most fields with the others lists every
+field that varies, the others only where they differ from it, e.g. "sqdf (gamma=0.9)"). Reference rows (exact
 target, floors, base model) come first. The best method cell per column is bold: highest for ↑,
-lowest for ↓, closest to the exact value for ≈. Tables refuse to mix runs whose method or reward
+lowest for ↓, closest to the exact value for ≈. Tables refuse to mix runs whose method, reward or task
 versions, or evaluation prompt sets, differ.
 """
 

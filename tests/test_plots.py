@@ -37,12 +37,14 @@ def check_file(path: Path) -> None:
         assert data[:5] == b"%PDF-" and data.rstrip().endswith(b"%%EOF")
 
 
-def fake_runs(root: Path) -> None:
-    """2 methods × 2 α × 2 seeds of gmm-ring8 with synthetic metrics, evaluation logs and sample images."""
-    for m_i, method in enumerate(("draft", "sqdf")):
+def fake_runs(root: Path, configs: tuple[tuple[str, dict[str, Any]], ...] = (("draft", {}), ("sqdf", {}))) -> None:
+    """2 methods (or the given method configs) × 2 α × 2 seeds of gmm-ring8 with synthetic metrics,
+    evaluation logs and sample images."""
+    for m_i, (method, overrides) in enumerate(configs):
         for alpha in (1.0, 0.3):
             for seed in (0, 1):
-                cfg = resolve("gmm-ring8", method, seed, alpha=alpha, layers=[{"train": {"final_eval_samples": 32, "eval_samples": 32}}])
+                cfg = resolve("gmm-ring8", method, seed, alpha=alpha,
+                              layers=[{"train": {"final_eval_samples": 32, "eval_samples": 32}, "method": overrides}])
                 d = run_dir(root, cfg)
                 d.mkdir(parents=True)
                 (d / "config.json").write_text(json.dumps(cfg.to_dict()))
@@ -179,3 +181,29 @@ def test_queries_figure_puts_oracle_queries_on_the_x_axis(tmp_path: Path, monkey
     assert [x for x, _, _ in panels] == ["oracle queries"] * len(panels)
     assert [y for _, y, _ in panels][:2] == [METRICS.entry("reward").meta["label"], METRICS.entry("path_kl").meta["label"]]
     assert panels[0][2][0] == [0.0, 128.0, 256.0]
+
+
+def test_results_report_draws_one_line_and_one_sample_figure_per_table_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A suite that runs one method under two configs (an ablation) gets a curve and a sample figure
+    per config, labelled like the table's rows, not one curve pooling both."""
+    import bench.report as report
+    from bench.table import load_results
+
+    root = tmp_path / "runs"
+    fake_runs(root, configs=(("sqdf", {}), ("sqdf", {"gamma": 0.9})))
+    legends: dict[str, list[str]] = {}
+    real_save = plots._save
+
+    def spy_save(fig: Any, path: Path) -> None:
+        legends[Path(path).name] = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+        real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy_save)
+    out = report.write_report("abl", load_results(sorted(q.parent for q in root.rglob("final.json"))), root, tmp_path / "results")
+    rows = ["sqdf (gamma=1.0)", "sqdf (gamma=0.9)"]
+    assert legends["gmm-ring8_quadratic_a1_curves.png"] == [f"{r} (n=2)" for r in rows] + ["p* (exact)"]
+    figs = sorted(p.name for p in (out / "figures").glob("*_a1_*samples.png"))
+    assert figs == ["gmm-ring8_quadratic_a1_sqdf_gamma-0.9_samples.png", "gmm-ring8_quadratic_a1_sqdf_gamma-1.0_samples.png"]
+    md = (out / "table.md").read_text()
+    assert "[sqdf (gamma=0.9)](figures/gmm-ring8_quadratic_a1_sqdf_gamma-0.9_samples.png)" in md
+    assert all(f"| {r} | 2 |" in md for r in rows)
