@@ -264,6 +264,22 @@ def exact_front(task: Any, reward: str, x_metric: str, y_metric: str, alphas: Se
     return out
 
 
+def learning_curves(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, list[tuple[list[float], list[float]]]]:
+    """"metric|row label" -> per run (iterations, values) of each evaluation logged in metrics.jsonl,
+    one entry per table row (bench.table's labels), as `plot_curves` takes them."""
+    from bench.runner import MetricLog
+    from bench.table import _row_labels
+
+    out: dict[str, list[tuple[list[float], list[float]]]] = {}
+    for label, rs in _row_labels(runs).items():
+        for r in rs:
+            ev = [rec for rec in MetricLog(Path(r["_dir"]) / "metrics.jsonl").read() if any(k.startswith("eval/") for k in rec)]
+            for m in metrics:
+                pts = [(e["iteration"], e[f"eval/{m}"]) for e in ev if f"eval/{m}" in e]
+                out.setdefault(f"{m}|{label}", []).append(([x for x, _ in pts], [y for _, y in pts]))
+    return out
+
+
 def make_figures(results: list[dict[str, Any]], out_dir: Path, kinds: Sequence[str] = ("training", "pareto", "curves", "samples"),
                  formats: Sequence[str] = ("png", "pdf"), runs_root: Path | None = None, x_metric: str = "path_kl",
                  y_metric: str = "reward", reference: bool = True) -> dict[str, list[Path]]:
@@ -336,13 +352,7 @@ def make_figures(results: list[dict[str, Any]], out_dir: Path, kinds: Sequence[s
                 written["training"].append(path)
         if "curves" in kinds:
             ms = [m for m in ("reward", "path_kl", "gap", "mode_tv") if m in task_cls.metrics] or list(task_cls.table_metrics[:4])
-            lc: dict[str, list[tuple[list[float], list[float]]]] = {}
-            for lab, rs in _row_labels(runs).items():
-                for r in rs:
-                    ev = evals(r)
-                    for m in ms:
-                        xs = [e["iteration"] for e in ev if f"eval/{m}" in e]
-                        lc.setdefault(f"{m}|{lab}", []).append((xs, [e[f"eval/{m}"] for e in ev if f"eval/{m}" in e]))
+            lc = learning_curves(runs, ms)
             for fmt in formats:
                 path = out_dir / f"{tag}_curves.{fmt}"
                 plot_curves(lc, {m: label(m) for m in ms}, path, f"{task} · {reward} · α={alpha:g} (mean over seeds, band: min–max)",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import config_from_dict
-from bench.plots import plot_curves, plot_metric_vs_reward
+from bench.plots import learning_curves, plot_curves, plot_metric_vs_reward
 from bench.provenance import snapshot
 from bench.registry import METRICS, TASKS
 from bench.runner import MetricLog, build_task, reference_rows
@@ -64,16 +64,7 @@ def write_report(name: str, results: list[dict[str, Any]], runs_root: Path, resu
                 dst = fig_dir / f"{_slug(task, reward, 'a' + format(alpha, 'g'), _label_slug(label))}_samples.png"
                 shutil.copyfile(src, dst)
                 figs.append(f"[{label}](figures/{dst.name})")
-        curves: dict[str, list[tuple[list[float], list[float]]]] = {}
-        task_metrics = TASKS.get(task).metrics
-        for label, rs in rows.items():
-            for r in rs:
-                evals = [rec for rec in MetricLog(Path(r["_dir"]) / "metrics.jsonl").read() if any(k.startswith("eval/") for k in rec)]
-                for m in CURVE_METRICS:
-                    if m in task_metrics:
-                        xs = [e["iteration"] for e in evals if f"eval/{m}" in e]
-                        ys = [e[f"eval/{m}"] for e in evals if f"eval/{m}" in e]
-                        curves.setdefault(f"{m}|{label}", []).append((xs, ys))
+        curves = learning_curves(runs, [m for m in CURVE_METRICS if m in TASKS.get(task).metrics])
         curve_png = fig_dir / f"{_slug(task, reward, 'a' + format(alpha, 'g'))}_curves.png"
         labels = {m: METRICS.entry(m).meta.get("label", m) for m in CURVE_METRICS}
         plot_curves(curves, labels, curve_png, f"{task} · {reward} · α={alpha:g}", targets=ref.get("p* (closed form)"))
