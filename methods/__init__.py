@@ -1,6 +1,6 @@
 """Alignment methods, one file each. Importing this package registers every built-in method.
 
-To add a method: write `methods/<name>.py` (see methods/base.py and docs/adding_a_method.md)
+To add a method: write `methods/<name>.py` (see bench/core/method.py and docs/adding_a_method.md)
 and import it here.
 """
 

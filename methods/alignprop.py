@@ -34,7 +34,7 @@ Deliberate deviations from the official code:
    wrong"). That per-step draw is kept only as `truncation="per_step_legacy"` for reproduction.
 2. Loss −r by default (the |r − 10| loss flips sign above 10; `loss=abs_target` reproduces it).
 3. Steps before a trajectory's window run its ε̂ detached and, when no trajectory of the batch has
-   gradient there, under no_grad (identical gradient, less memory; bench.diffusion.rollout_with_grad).
+   gradient there, under no_grad (identical gradient, less memory; bench.core.diffusion.rollout_with_grad).
 4. Gradient accumulation is `micro_batch` within one update (no multi-GPU); the noise of the whole
    batch is drawn first, so the update does not depend on the micro-batch size.
 """
@@ -47,9 +47,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.diffusion import draw_noise, rollout_with_grad, truncation_mask
-from bench.registry import METHODS
-from methods.base import AlignmentMethod, TrainContext
+from bench.core.diffusion import draw_noise, rollout_with_grad, truncation_mask
+from bench.core.registry import METHODS
+from bench.core.method import AlignmentMethod, TrainContext
 from methods.common import adamw, check_choice, check_range, optimizer_step, require, sample_prompts
 
 TRUNCATIONS = ("gaussian", "uniform", "fixed", "per_step_legacy")

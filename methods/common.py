@@ -1,4 +1,4 @@
-"""Small pieces several methods share (the diffusion math itself lives in `bench.diffusion`)."""
+"""Small pieces several methods share (the diffusion math itself lives in `bench.core.diffusion`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.distributed import sync_gradients
-from bench.errors import BenchError
+from bench.core.distributed import sync_gradients
+from bench.core.errors import BenchError
 
 
 def sample_prompts(prompts: Sequence[str], n: int, generator: torch.Generator) -> list[str]:
@@ -22,7 +22,7 @@ def adamw(params: Iterable[nn.Parameter], lr: float, weight_decay: float, betas:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], grad_clip: float | None) -> float:
-    """Average gradients over ranks (multi-process runs, bench.distributed), clip the global
+    """Average gradients over ranks (multi-process runs, bench.core.distributed), clip the global
     gradient norm (if set), step, zero grads. Returns the pre-clip norm."""
     sync_gradients(params)
     grads = [p.grad for p in params if p.grad is not None]

@@ -20,7 +20,7 @@ DDPO+KL (`ddpo-kl`) adds α·KL_t(π_θ(·|x_t) ‖ π_ref(·|x_t)) at every tra
 
 Notation (paper / ddpo-pytorch -> code):
     x_t, x_{t'} (state, next state)    -> data["latents"][:, i], [:, i + 1]  (i = sampling step index)
-    log π_old(x_{t'}|x_t)               -> data["log_probs"][:, i] (recorded by bench.diffusion.rollout)
+    log π_old(x_{t'}|x_t)               -> data["log_probs"][:, i] (recorded by bench.core.diffusion.rollout)
     log π_θ(x_{t'}|x_t)                 -> recompute_transition(...).log_prob (ddim_step with prev_sample)
     ρ_t, ε (clip range)                 -> ratio, cfg.clip_range
     A (advantage, one per trajectory)   -> data["advantages"]: PerPromptStatTracker z-score, clipped to ±adv_clip_max
@@ -48,13 +48,13 @@ Deliberate deviations from the official code:
 1. Sizes are per process. A one-process run uses ddpo-pytorch's whole-run sizes
    (samples_per_iteration = sample.batch_size × GPUs × num_batches_per_epoch, minibatch_size =
    train.batch_size × GPUs): the averaged gradient is the same. With `train.processes = N`
-   (bench/distributed.py) every rank draws these sizes, rewards and prompts are gathered for the
+   (bench/core/distributed.py) every rank draws these sizes, rewards and prompts are gathered for the
    advantages as in ddpo-pytorch, and gradients are averaged at every optimizer step
    (methods.common.optimizer_step), with no DDP/LoRA wrapper to get wrong. Rewards are computed
    synchronously (no thread pool).
 2. Training always recomputes log π with the sampler's CFG (ddpo-pytorch's `train.cfg = True`;
    `False` makes ρ ≠ 1 by construction and is not offered).
-3. Old and new log-probs use the same arithmetic: the nats sum of bench.diffusion, divided by D for
+3. Old and new log-probs use the same arithmetic: the nats sum of bench.core.diffusion, divided by D for
    the "mean" convention (ddpo-pytorch takes the element mean inside the scheduler at both places).
    ρ is therefore 1 on the first accumulation group, exactly when the denoiser's row results do not
    depend on the batch layout (the zero-initialized mixture backbone) and to float32 round-off
@@ -87,11 +87,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from bench import distributed as dist
-from bench.diffusion import SamplerGrid, ddim_step, draw_noise, gaussian_kl, guided_eps, rollout
-from bench.registry import METHODS
-from bench.tasks.base import Backbone, SamplerConfig
-from methods.base import AlignmentMethod, TrainContext
+from bench.core import distributed as dist
+from bench.core.diffusion import SamplerGrid, ddim_step, draw_noise, gaussian_kl, guided_eps, rollout
+from bench.core.registry import METHODS
+from bench.core.task import Backbone, SamplerConfig
+from bench.core.method import AlignmentMethod, TrainContext
 from methods.common import check_choice, check_range, optimizer_step, require, sample_prompts
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ def recompute_transition(
 def _gather_rewards(prompts: list[str], rewards: Tensor) -> tuple[list[str], Tensor, int]:
     """(prompts, rewards) of every rank in rank order, and where this rank's slice starts.
 
-    A no-op without a process group (bench.distributed)."""
+    A no-op without a process group (bench.core.distributed)."""
     if not dist.initialized():
         return prompts, rewards, 0
     rank, world = dist.world()

@@ -55,7 +55,7 @@ Deliberate deviations from the official code:
    whenever ρ leaves the band, whatever the sign of A.
 3. Sizes are scaled to the toy in the task presets; the paper settings live in
    bench/configs/paper/dpok_*.yaml. Sizes are per process: with `train.processes = N`
-   (bench/distributed.py) each rank samples into its own buffer and the policy and value gradients
+   (bench/core/distributed.py) each rank samples into its own buffer and the policy and value gradients
    are averaged at every optimizer step (methods.common.optimizer_step), as the code's
    `--multi_gpu` DDP does. The buffer holds transitions on the backbone's device (the code keeps
    fp16 copies on the CPU).
@@ -66,7 +66,7 @@ Deliberate deviations from the official code:
    optimizer step, as the code; `value_updates` (default 1, as the code) takes more such steps per
    iteration.
 5. Prompts are drawn i.i.d. per rollout (the code walks a shuffled prompt list in batches; the same
-   for a single prompt). Log-probs are the nats sum of bench.diffusion, divided by D for
+   for a single prompt). Log-probs are the nats sum of bench.core.diffusion, divided by D for
    `log_prob_reduce="mean"` (the code's `Normal.log_prob(...).mean()`), at sampling and training
    alike, so ρ = 1 (up to float32 round-off) for transitions of the current policy; every iteration
    checks it on `batch_size` of them (`train/ratio_first`, a harness addition: the code logs the
@@ -86,9 +86,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bench.diffusion import draw_noise, rollout
-from bench.registry import METHODS
-from methods.base import AlignmentMethod, TrainContext
+from bench.core.diffusion import draw_noise, rollout
+from bench.core.registry import METHODS
+from bench.core.method import AlignmentMethod, TrainContext
 from methods.common import check_choice, check_range, optimizer_step, require, sample_prompts
 from methods.ddpo import RATIO_WARN, log_ratio_stats, ppo_clip_loss, ratio_clamp_loss, recompute_transition, reduce_dims
 

@@ -40,9 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.diffusion import add_noise, ddim_step, draw_noise, guided_eps, rollout, rollout_with_grad, truncation_mask
-from bench.registry import METHODS
-from methods.base import AlignmentMethod, TrainContext
+from bench.core.diffusion import add_noise, ddim_step, draw_noise, guided_eps, rollout, rollout_with_grad, truncation_mask
+from bench.core.registry import METHODS
+from bench.core.method import AlignmentMethod, TrainContext
 from methods.common import adamw, check_range, optimizer_step, require, sample_prompts
 
 

@@ -64,12 +64,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.diffusion import draw_noise, rollout
-from bench.distributed import world as dist_world
-from bench.errors import BenchError
-from methods.base import TrainContext
+from bench.core.diffusion import draw_noise, rollout
+from bench.core.distributed import world as dist_world
+from bench.core.errors import BenchError
+from bench.core.method import TrainContext
 from methods.common import check_choice, check_range, require, sample_prompts
-from rewards.base import BudgetExhausted, Reward
+from bench.core.reward import BudgetExhausted, Reward
 
 OPTIMISM = ("ucb", "bootstrap", "none")
 

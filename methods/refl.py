@@ -53,10 +53,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.diffusion import add_noise, draw_noise, guided_eps, rollout, x0_from_eps
-from bench.registry import METHODS
+from bench.core.diffusion import add_noise, draw_noise, guided_eps, rollout, x0_from_eps
+from bench.core.registry import METHODS
 from methods.alignprop import micro_batches
-from methods.base import AlignmentMethod, TrainContext
+from bench.core.method import AlignmentMethod, TrainContext
 from methods.common import adamw, check_choice, check_range, optimizer_step, require, sample_prompts
 
 

@@ -42,7 +42,7 @@ Notation (paper/code -> here):
 Deliberate deviations from the official code:
 1. KL in nats (Σ over dims, with the ½); the code averages over the 16384 latent dims, so its
    kl_weight maps to α = kl_weight / (loss_coeff · d) (see the SD1.5 paper config).
-2. The KL's gradient is local to each step's mean (states detached; bench.diffusion
+2. The KL's gradient is local to each step's mean (states detached; bench.core.diffusion
    rollout_with_grad kl="local"), at every step. The code differentiates the KL only at steps its
    truncation keeps and also through the states (the KL inherits the reward's truncation).
 3. The loss is −r by default; `loss=abs_target` gives the code's |r − 10|.
@@ -64,10 +64,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bench.diffusion import DenoiserFn, draw_noise, rollout_with_grad
-from bench.registry import METHODS
+from bench.core.diffusion import DenoiserFn, draw_noise, rollout_with_grad
+from bench.core.registry import METHODS
 from methods.alignprop import check_reward_backprop_fields, check_truncation_for, draw_truncation, micro_batches, reward_loss
-from methods.base import AlignmentMethod, TrainContext
+from bench.core.method import AlignmentMethod, TrainContext
 from methods.common import adamw, check_choice, check_range, optimizer_step, require, sample_prompts
 from methods.proxy import OnlineConfig, OnlineRounds, check_online_fields, check_proxy_fields
 

@@ -17,7 +17,7 @@ and reward; there is no backpropagation through the sampling chain.
 Notation (paper -> code):
     t (T..1), action x_{t−1}   -> step index k = 0..T−1, x = latents[:, k], x' = prev_sample
     γ^{t−1} (steps left)        -> gamma ** n_k, n_k = T − 1 − k = grid.steps_left(k)
-    μ_θ(x_t, t), σ_t            -> out.mean, out.std (bench.diffusion.ddim_step, η = sampler.eta)
+    μ_θ(x_t, t), σ_t            -> out.mean, out.std (bench.core.diffusion.ddim_step, η = sampler.eta)
     p′ (pretrained)             -> backbone.reference
     f_ψ (consistency model)     -> backbone.consistency_x0 (x0_predictor="consistency"); the
                                    one-step Tweedie x̂0 of p′ ("tweedie"); n-step DDIM of p′ ("ddim")
@@ -51,9 +51,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.diffusion import draw_noise, ddim_step, gaussian_kl, guided_eps, ode_x0, rollout, x0_from_eps
-from bench.registry import METHODS
-from methods.base import AlignmentMethod, TrainContext
+from bench.core.diffusion import draw_noise, ddim_step, gaussian_kl, guided_eps, ode_x0, rollout, x0_from_eps
+from bench.core.registry import METHODS
+from bench.core.method import AlignmentMethod, TrainContext
 from methods.common import adamw, check_choice, check_range, discount, optimizer_step, require, sample_prompts
 
 

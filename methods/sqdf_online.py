@@ -44,12 +44,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from bench.registry import METHODS
-from methods.base import AlignmentMethod, TrainContext
+from bench.core.registry import METHODS
+from bench.core.method import AlignmentMethod, TrainContext
 from methods.common import adamw, check_choice
 from methods.proxy import OnlineConfig, OnlineRounds, check_online_fields, check_proxy_fields
 from methods.sqdf import SQDF, ReplayBuffer, SQDFConfig
-from rewards.base import CountingReward
+from bench.core.reward import CountingReward
 
 
 @dataclass(frozen=True)

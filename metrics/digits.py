@@ -48,8 +48,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from bench.evaluation import EvalContext, PromptSamples
-from bench.registry import METRICS
+from bench.core.evaluation import EvalContext, PromptSamples
+from bench.core.registry import METRICS
 from rewards.digits import gray, prompt_class
 
 MAX_SET = 512  # samples per prompt used by the O(n²) diversity metrics

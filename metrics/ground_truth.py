@@ -20,9 +20,9 @@ import math
 import torch
 from torch import Tensor
 
-from bench.diffusion import kl_nats_to_sqdf
-from bench.evaluation import EvalContext, PromptSamples
-from bench.registry import METRICS
+from bench.core.diffusion import kl_nats_to_sqdf
+from bench.core.evaluation import EvalContext, PromptSamples
+from bench.core.registry import METRICS
 
 
 def _nan() -> float:

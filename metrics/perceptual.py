@@ -26,7 +26,7 @@ NOTATION
 Models are loaded once per process: through the task's hooks `task.reward_model(name)` and
 `task.perceptual_model(name)` when it has them (the SD task returns real or tiny models), else
 through this module's own cache of the real loaders. Real weights come from local caches
-(rewards/weights.py); a missing file is a one-line MissingWeightsError, never a random backbone.
+(bench/core/weights.py); a missing file is a one-line MissingWeightsError, never a random backbone.
 Test backbones: `tiny(name)` (lpips: random AlexNet trunk + the real heads; dreamsim: the real
 single-backbone code path on synthesized local files with a seeded random ViT-B/32).
 
@@ -54,11 +54,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from bench.errors import BenchError
-from bench.evaluation import EvalContext, PromptSamples
-from bench.registry import METRICS, REWARDS
+from bench.core.errors import BenchError
+from bench.core.evaluation import EvalContext, PromptSamples
+from bench.core.registry import METRICS, REWARDS
 from rewards.preprocess import pil_resize
-from rewards.weights import isolated_rng, resolve
+from bench.core.weights import isolated_rng, resolve
 
 SIZE = 224
 "side of the square every sample is resized to before LPIPS / DreamSim"

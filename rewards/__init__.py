@@ -1,4 +1,4 @@
-"""Reward models. Importing this package registers every built-in reward in `bench.registry.REWARDS`."""
+"""Reward models. Importing this package registers every built-in reward in `bench.core.registry.REWARDS`."""
 
 from rewards import gmm  # noqa: F401
 from rewards import digits  # noqa: F401

@@ -35,11 +35,11 @@ from typing import ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.errors import BenchError
-from bench.registry import REWARDS
+from bench.core.errors import BenchError
+from bench.core.registry import REWARDS
 from rewards.clip_score import load_clip_folder, tiny_clip_model
 from rewards.preprocess import ImageModelReward, ImagePreprocess, freeze, unit
-from rewards.weights import isolated_rng, resolve
+from bench.core.weights import isolated_rng, resolve
 
 
 class AestheticMLP(nn.Module):

@@ -24,7 +24,7 @@ DELIBERATE DEVIATIONS
    keeps the raw per-sample value so that its gradient never vanishes.
 2. No uint8 quantization of the image (PIL); PIL's two clipped resize passes are reproduced, so
    inputs differ by at most about one uint8 level per pixel (preprocess.py).
-3. Weights must already be local (rewards/weights.py); a download happens only when HF_HUB_OFFLINE
+3. Weights must already be local (bench/core/weights.py); a download happens only when HF_HUB_OFFLINE
    is unset.
 """
 
@@ -36,9 +36,9 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.registry import REWARDS
+from bench.core.registry import REWARDS
 from rewards.preprocess import ImageModelReward, ImagePreprocess, PromptCache, freeze, unit
-from rewards.weights import isolated_rng, resolve
+from bench.core.weights import isolated_rng, resolve
 
 TINY_CLIP = dict(
     text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
@@ -138,7 +138,7 @@ class ClipScoreReward(ImageModelReward):
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              double_normalize: bool = False) -> "ClipScoreReward":
         """A random-init model of the same family, small enough for CPU tests."""
-        from bench.sd_utils import offline_clip_tokenizer
+        from bench.core.weights import offline_clip_tokenizer
 
         return cls(tiny_clip_model(seed), offline_clip_tokenizer(), device=device, dtype=dtype,
                    double_normalize=double_normalize, source={"model": f"random-init:tiny:seed={seed}"})

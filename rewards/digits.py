@@ -47,9 +47,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.errors import BenchError
-from bench.registry import REWARDS
-from rewards.base import Reward
+from bench.core.errors import BenchError
+from bench.core.registry import REWARDS
+from bench.core.reward import Reward
 
 DIGIT_PROMPTS: tuple[str, ...] = tuple(f"digit {k}" for k in range(10))
 _PROMPT_INDEX = {p: k for k, p in enumerate(DIGIT_PROMPTS)}

@@ -17,9 +17,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.gmm import GaussianMixture, QuadraticForm
-from bench.registry import REWARDS
-from rewards.base import Reward
+from bench.core.gmm import GaussianMixture, QuadraticForm
+from bench.core.registry import REWARDS
+from bench.core.reward import Reward
 
 
 @REWARDS.register("quadratic", modality="vector", doc="−½(x−m)ᵀA(x−m) + bᵀx; ring8: −x² − (y−1)²/10")

@@ -38,10 +38,10 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.errors import BenchError
-from bench.registry import REWARDS
+from bench.core.errors import BenchError
+from bench.core.registry import REWARDS
 from rewards.preprocess import ImageModelReward, ImagePreprocess, PromptCache, freeze, unit
-from rewards.weights import isolated_rng, resolve
+from bench.core.weights import isolated_rng, resolve
 
 ARCH = "ViT-H-14"
 "open_clip's architecture name of both HPS v2 checkpoints"

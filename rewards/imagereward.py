@@ -54,11 +54,11 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.errors import BenchError
-from bench.registry import REWARDS
+from bench.core.errors import BenchError
+from bench.core.registry import REWARDS
 from rewards.aesthetic import AestheticMLP
 from rewards.preprocess import ImageModelReward, ImagePreprocess, freeze
-from rewards.weights import isolated_rng, resolve
+from bench.core.weights import isolated_rng, resolve
 
 MEAN = 0.16717362830052426
 "μ: mean of the raw MLP output (official constant)"

@@ -28,9 +28,9 @@ from typing import ClassVar
 
 import torch
 
-from bench.registry import REWARDS
+from bench.core.registry import REWARDS
 from rewards.clip_score import ClipScoreReward, load_clip_folder, load_tokenizer, tiny_clip_model
-from rewards.weights import resolve
+from bench.core.weights import resolve
 
 
 @REWARDS.register("pickscore", modality="image", doc="PickScore_v1: exp(logit_scale)·cos of a preference-tuned CLIP-H/14 (Kirstain et al. 2023)")
@@ -71,7 +71,7 @@ class PickScoreReward(ClipScoreReward):
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              double_normalize: bool = False) -> "PickScoreReward":
         """A random-init model of the same family, small enough for CPU tests."""
-        from bench.sd_utils import offline_clip_tokenizer
+        from bench.core.weights import offline_clip_tokenizer
 
         return cls(tiny_clip_model(seed), offline_clip_tokenizer(), device=device, dtype=dtype,
                    double_normalize=double_normalize, source={"model": f"random-init:tiny:seed={seed}"})

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.errors import BenchError
-from rewards.base import Reward
+from bench.core.errors import BenchError
+from bench.core.reward import Reward
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 "per-channel mean of OpenAI CLIP's training images (used by all five rewards)"

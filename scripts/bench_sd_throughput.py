@@ -19,7 +19,7 @@ Writes results/benchmarks/sd15_throughput_<device>.json and .md.
     python scripts/bench_sd_throughput.py --dtype bf16 --batch-sizes 1,4,8
     python scripts/bench_sd_throughput.py --tiny                # CPU smoke run on the tiny models
 
-`--tiny` swaps in the tiny test models (bench/sd_utils.py) at 10 steps on the CPU: those numbers
+`--tiny` swaps in the tiny test models (bench/tasks/sd_utils.py) at 10 steps on the CPU: those numbers
 only show that the script works; they say nothing about SD1.5 throughput.
 """
 
@@ -41,12 +41,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.clock import PhaseClock  # noqa: E402
-from bench.diffusion import draw_noise, rollout  # noqa: E402
-from bench.provenance import snapshot  # noqa: E402
-from bench.registry import METHODS  # noqa: E402
-from bench.tasks.base import SamplerConfig  # noqa: E402
-from rewards.base import CountingReward  # noqa: E402
+from bench.core.clock import PhaseClock  # noqa: E402
+from bench.core.diffusion import draw_noise, rollout  # noqa: E402
+from bench.core.provenance import snapshot  # noqa: E402
+from bench.core.registry import METHODS  # noqa: E402
+from bench.core.task import SamplerConfig  # noqa: E402
+from bench.core.reward import CountingReward  # noqa: E402
 
 PAPER_METHODS = {"sqdf": "SQDF", "draft": "DRaFT-1", "refl": "ReFL", "ddpo": "DDPO"}
 "registry name -> label (the methods of SQDF's Fig. 3 whose update cost differs most)"
@@ -70,7 +70,7 @@ def peak_tflops(name: str) -> float | None:
 
 def build(size: str, device: torch.device, dtype: torch.dtype, rank: int) -> tuple[Any, Any]:
     """(SDBackbone with a LoRA and a random 'LCM' UNet of the same architecture, aesthetic reward)."""
-    from bench.sd_utils import random_components, sd15_schedule
+    from bench.tasks.sd_utils import random_components, sd15_schedule
     from bench.tasks.sd import OnCallerDevice, SDBackbone
 
     comps = random_components(size, seed=0, dtype=dtype, device=device)
@@ -143,7 +143,7 @@ def sd15_meta_flops(steps: int) -> dict[str, float]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bench.sd_utils import sd15_unet_config, sd15_vae_config
+    from bench.tasks.sd_utils import sd15_unet_config, sd15_vae_config
 
     with torch.device("meta"), torch.no_grad():
         unet, vae = UNet2DConditionModel(**sd15_unet_config()), AutoencoderKL(**sd15_vae_config())
@@ -197,7 +197,7 @@ def method_config(name: str, batch: int) -> Any:
 def time_method(name: str, backbone: Any, reward: Any, sampler: SamplerConfig, batch: int, repeats: int,
                 device: torch.device) -> dict[str, Any]:
     """Seconds per train_step (split by phase) and peak memory of one registered method."""
-    from methods.base import TrainContext
+    from bench.core.method import TrainContext
 
     clock = PhaseClock()
     ctx = TrainContext(backbone, CountingReward(reward, clock), ["a photo of a cat", "a dog"], 2.44e-4, sampler, 0, clock, None)
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> Path:
     peak = peak_tflops(label) if device.type == "cuda" else None
     res: dict[str, Any] = {
         "device_label": label,
-        "settings": {"tiny": args.tiny, "models": "tiny test models (bench/sd_utils.py)" if args.tiny else
+        "settings": {"tiny": args.tiny, "models": "tiny test models (bench/tasks/sd_utils.py)" if args.tiny else
                      "SD1.5 architecture, random init (UNet 860 M, VAE 84 M, CLIP-L text 123 M) + LAION aesthetic on a random CLIP ViT-L/14",
                      "resolution": backbone.resolution, "steps": sampler.steps, "eta": sampler.eta, "guidance": sampler.guidance,
                      "lora_rank": args.lora_rank, "dtype": str(dtype).replace("torch.", ""), "device": str(device),

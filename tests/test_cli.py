@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.config import parse_sets, resolve
-from bench.errors import BenchError
-from bench.runner import run_dir, run_one
+from bench.app.config import parse_sets, resolve
+from bench.core.errors import BenchError
+from bench.app.runner import run_dir, run_one
 
-BENCH = [sys.executable, "-m", "bench.cli"]
+BENCH = [sys.executable, "-m", "bench.app.cli"]
 TINY = ["--set", "train.iterations=3", "--set", "train.eval_every=2", "--set", "train.eval_samples=64",
         "--set", "train.final_eval_samples=256", "--set", "sampler.steps=6", "--set", "method.batch_size=16"]
 

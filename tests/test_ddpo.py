@@ -20,16 +20,16 @@ from typing import Any
 import pytest
 import torch
 
-from bench.clock import PhaseClock
-from bench.config import CONFIG_DIR, load_yaml, resolve
-from bench.errors import BenchError
-from bench.registry import METHODS
-from bench.tasks.base import SamplerConfig
+from bench.core.clock import PhaseClock
+from bench.app.config import CONFIG_DIR, load_yaml, resolve
+from bench.core.errors import BenchError
+from bench.core.registry import METHODS
+from bench.core.task import SamplerConfig
 from bench.tasks.gmm import GMMConfig, Ring8Task
-from methods.base import TrainContext
+from bench.core.method import TrainContext
 from methods.ddpo import DDPOConfig, PerPromptStatTracker, ppo_clip_loss, ratio_clamp_loss, recompute_transition
 from methods.dpok import PPOKLConfig, TransitionBuffer
-from rewards.base import CountingReward
+from bench.core.reward import CountingReward
 
 T = 6
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # float32 reductions in different orders (atol relative to the largest entry)
@@ -473,8 +473,8 @@ def test_paper_yamls_exist() -> None:
 
 
 def _two_rank_worker(out: str) -> None:
-    """Each of 2 ranks trains ddpo for 2 iterations on its own samples (bench.distributed)."""
-    from bench import distributed as dist
+    """Each of 2 ranks trains ddpo for 2 iterations on its own samples (bench.core.distributed)."""
+    from bench.core import distributed as dist
 
     rank, _ = dist.world()
     m = make("ddpo", Ring8Task(GMMConfig(hidden=32, layers=2)), one_update(samples_per_iteration=8, minibatch_size=4, stat_min_count=4))
@@ -488,7 +488,7 @@ def test_two_processes_share_reward_statistics(tmp_path: Path) -> None:
     """ddpo-pytorch gathers rewards and prompts before normalizing: every rank's tracker holds the
     same history (both ranks' rewards), advantages are z-scores of the combined batch, and the
     synchronized gradients keep the parameters identical."""
-    from bench import distributed as dist
+    from bench.core import distributed as dist
 
     dist.launch(_two_rank_worker, 2, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bench.diffusion import (
+from bench.core.diffusion import (
     NoiseSchedule,
     add_noise,
     alpha_nats_from_sqdf,

@@ -17,9 +17,9 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from bench.errors import BenchError
-from bench.evaluation import EvalContext, PromptSamples, compute_metrics, sample_model
-from bench.registry import METRICS, TASKS
+from bench.core.errors import BenchError
+from bench.core.evaluation import EvalContext, PromptSamples, compute_metrics, sample_model
+from bench.core.registry import METRICS, TASKS
 from bench.tasks import digits as dg
 from bench.tasks.digits import DigitsConfig, DigitsData, DigitsTask, SIRTarget
 from metrics.digits import frechet_distance, vendi_score
@@ -308,9 +308,9 @@ def test_runs_table_and_figures(task: DigitsTask, tmp_path: Path, cache_root: Pa
     """sqdf and draft run on digits through the runner; the report writes the table (with the
     held-out prompt column and the ESS), the SIR note, sample grids per checkpoint and the
     held-out-vs-reward figure."""
-    from bench.config import resolve
-    from bench.report import write_report
-    from bench.runner import run_dir, run_one
+    from bench.app.config import resolve
+    from bench.app.report import write_report
+    from bench.app.runner import run_dir, run_one
 
     layers = [{"task": SMALL_SETS, "train": {"iterations": 4, "eval_every": 2, "eval_samples": 16, "final_eval_samples": 32, "checkpoint_every": 2},
                "sampler": {"steps": 10}}]
@@ -344,7 +344,7 @@ def test_runs_table_and_figures(task: DigitsTask, tmp_path: Path, cache_root: Pa
 def test_prepare_command(task: DigitsTask, cache_root: Path) -> None:
     from typer.testing import CliRunner
 
-    from bench.cli import app
+    from bench.app.cli import app
 
     runner = CliRunner()
     args = ["prepare", "digits", "--quiet"] + [f"--set=task.{k}={v}" for k, v in SMALL_SETS.items()]
@@ -390,15 +390,15 @@ def test_held_out_density_matches_scikit_learn(task: DigitsTask) -> None:
     torch.testing.assert_close(j.log_density(probe), torch.from_numpy(gmm.score_samples(j.features(probe).numpy())), rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize("method", sorted(__import__("bench.registry", fromlist=["METHODS"]).METHODS.names()))
+@pytest.mark.parametrize("method", sorted(__import__("bench.core.registry", fromlist=["METHODS"]).METHODS.names()))
 def test_every_registered_method_trains_on_digits(task: DigitsTask, method: str) -> None:
     """Every method runs on digits through the same interface: two updates move the policy, never
     the reference, with finite stats (online methods query the digits reward as their oracle)."""
-    from bench.clock import PhaseClock
-    from bench.registry import METHODS
-    from bench.tasks.base import SamplerConfig
-    from methods.base import TrainContext
-    from rewards.base import CountingReward
+    from bench.core.clock import PhaseClock
+    from bench.core.registry import METHODS
+    from bench.core.task import SamplerConfig
+    from bench.core.method import TrainContext
+    from bench.core.reward import CountingReward
     from test_methods import tiny_config
 
     bb = task.build_backbone()

@@ -1,4 +1,4 @@
-"""Multi-process training (bench/distributed.py) with 2 CPU processes (gloo, through accelerate):
+"""Multi-process training (bench/core/distributed.py) with 2 CPU processes (gloo, through accelerate):
 the synchronized gradient is the gradient of the combined batch, parameters stay identical across
 ranks, and a 2-process run of the runner keeps every rank's state in its checkpoint."""
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench import distributed as dist
-from bench.config import resolve
-from bench.runner import load_checkpoint, run_dir, run_one
+from bench.core import distributed as dist
+from bench.app.config import resolve
+from bench.app.runner import load_checkpoint, run_dir, run_one
 from methods.common import adamw, optimizer_step
 
 

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from bench.diffusion import NoiseSchedule
-from bench.evaluation import EvalContext, compute_metrics, oracle_samples, sample_model
-from bench.gmm import GaussianMixture, GridTarget, Quadrature, QuadraticForm, ring
-from bench.registry import TASKS
-from bench.runner import build_task
-from bench.tasks.base import SamplerConfig
+from bench.core.diffusion import NoiseSchedule
+from bench.core.evaluation import EvalContext, compute_metrics, oracle_samples, sample_model
+from bench.core.gmm import GaussianMixture, GridTarget, Quadrature, QuadraticForm, ring
+from bench.core.registry import TASKS
+from bench.app.runner import build_task
+from bench.core.task import SamplerConfig
 
 
 def random_mixture(seed: int, k: int = 4, d: int = 2) -> GaussianMixture:

@@ -1,4 +1,4 @@
-"""Grids (bench/grid.py): expansion, dry run, skipping finished cells, the local and debug
+"""Grids (bench/app/grid.py): expansion, dry run, skipping finished cells, the local and debug
 executors, cell states, a failing cell that does not stop the others, and preemption: a run
 stopped and resumed (runner hook, and submitit's preemption signal through the local executor)
 ends with exactly the final metrics of an uninterrupted run.
@@ -18,11 +18,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from bench.cli import app
-from bench.config import resolve
-from bench.errors import BenchError
-from bench.grid import CellJob, cell_states, expand, load_grid, plan, submit
-from bench.runner import MetricLog, run_dir, run_one
+from bench.app.cli import app
+from bench.app.config import resolve
+from bench.core.errors import BenchError
+from bench.app.grid import CellJob, cell_states, expand, load_grid, plan, submit
+from bench.app.runner import MetricLog, run_dir, run_one
 
 TINY = {
     "train.iterations": 3,
@@ -215,7 +215,7 @@ def test_slurm_parameters_from_the_grid_file_and_the_command_line(tmp_path: Path
     import submitit.slurm.slurm as sl
 
     from bench import grid as grid_mod
-    from bench.cli import _slurm_cli
+    from bench.app.cli import _slurm_cli
 
     g = write_grid(tmp_path / "g.yaml", methods=["draft"], slurm={
         "partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32, "timeout_min": 240, "account": "proj",

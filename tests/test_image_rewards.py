@@ -22,12 +22,12 @@ open_clip = pytest.importorskip("open_clip")
 pytest.importorskip("timm")
 TF = pytest.importorskip("torchvision.transforms.functional")
 
-from bench.errors import BenchError, MissingWeightsError  # noqa: E402
-from bench.registry import REWARDS  # noqa: E402
+from bench.core.errors import BenchError, MissingWeightsError  # noqa: E402
+from bench.core.registry import REWARDS  # noqa: E402
 from rewards import hps as hps_mod  # noqa: E402
 from rewards import imagereward as ir_mod  # noqa: E402
 from rewards.preprocess import ImagePreprocess, center_crop, resize  # noqa: E402
-from rewards.weights import SPECS, resolve  # noqa: E402
+from bench.core.weights import SPECS, resolve  # noqa: E402
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -92,7 +92,7 @@ def _tiny_clip_folder(folder: Path, projection_dim: int, seed: int, logit_scale:
     """A transformers CLIP folder in the hub layout (config.json, model.safetensors, tokenizer)."""
     from transformers import CLIPConfig, CLIPModel
 
-    from bench.sd_utils import offline_clip_tokenizer
+    from bench.core.weights import offline_clip_tokenizer
 
     cfg = CLIPConfig(
         text_config=dict(vocab_size=49408, hidden_size=24, intermediate_size=40, num_attention_heads=3, num_hidden_layers=2,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import parse_sets, resolve
-from bench.runner import reference_rows, run_one
+from bench.app.config import parse_sets, resolve
+from bench.app.runner import reference_rows, run_one
 
 FAST_EVAL = ["train.eval_every=0", "train.eval_samples=256", "train.final_eval_samples=2048", "train.plot=false"]
 

@@ -18,13 +18,13 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from bench.clock import PhaseClock
-from bench.config import apply_dict
-from bench.registry import METHODS
-from bench.runner import build_task
-from bench.tasks.base import SamplerConfig
-from methods.base import TrainContext
-from rewards.base import CountingReward
+from bench.core.clock import PhaseClock
+from bench.app.config import apply_dict
+from bench.core.registry import METHODS
+from bench.app.runner import build_task
+from bench.core.task import SamplerConfig
+from bench.core.method import TrainContext
+from bench.core.reward import CountingReward
 
 SHRINK = {"batch_size": 16, "rollouts_per_step": 16, "buffer_size": 64, "samples_per_iteration": 16, "minibatch_size": 8,
           "num_samples": 16, "value_batch_size": 16, "queries_total": 64, "proxy_epochs": 5}

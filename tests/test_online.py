@@ -12,18 +12,18 @@ from typing import Any
 import pytest
 import torch
 
-from bench.clock import PhaseClock
-from bench.config import resolve
-from bench.diffusion import draw_noise, rollout_with_grad, truncation_mask
-from bench.errors import BenchError
-from bench.runner import build_task, run_one
-from bench.tasks.base import SamplerConfig
+from bench.core.clock import PhaseClock
+from bench.app.config import resolve
+from bench.core.diffusion import draw_noise, rollout_with_grad, truncation_mask
+from bench.core.errors import BenchError
+from bench.app.runner import build_task, run_one
+from bench.core.task import SamplerConfig
 from bench.tasks.gmm import GMMConfig
-from methods.base import TrainContext
+from bench.core.method import TrainContext
 from methods.proxy import ProxyModel, query_schedule
 from methods.seiko import SEIKOBootstrap, SEIKOConfig, SEIKOUCB
 from methods.sqdf_online import SQDFOnline, SQDFOnlineConfig
-from rewards.base import BudgetExhausted, CountingReward
+from bench.core.reward import BudgetExhausted, CountingReward
 
 T = 6
 

@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 import torch
 
-from bench.clock import PhaseClock
-from bench.diffusion import ddim_step, draw_noise, rollout, truncation_mask, x0_from_eps
-from bench.runner import build_task
-from bench.tasks.base import SamplerConfig
+from bench.core.clock import PhaseClock
+from bench.core.diffusion import ddim_step, draw_noise, rollout, truncation_mask, x0_from_eps
+from bench.app.runner import build_task
+from bench.core.task import SamplerConfig
 from bench.tasks.gmm import GMMConfig
 from methods.alignprop import AlignProp, AlignPropConfig, draw_truncation
-from methods.base import TrainContext
+from bench.core.method import TrainContext
 from methods.refl import ReFL, ReFLConfig, window_indices
-from rewards.base import CountingReward
+from bench.core.reward import CountingReward
 
 T = 8
 
@@ -272,7 +272,7 @@ def test_rollout_prefix_matches_full_rollout(task: Any) -> None:
 
 
 def test_truncation_settings_are_checked_against_the_chain(task: Any) -> None:
-    from bench.errors import BenchError
+    from bench.core.errors import BenchError
 
     with pytest.raises(BenchError, match="trunc_mean"):
         AlignProp(AlignPropConfig(), ctx_for(task))  # N(42, 5) cannot land in [1, 7]

@@ -16,11 +16,11 @@ lpips = pytest.importorskip("lpips")
 pytest.importorskip("dreamsim")
 pytest.importorskip("open_clip")
 
-from bench.errors import BenchError, MissingWeightsError  # noqa: E402
-from bench.evaluation import EvalContext, PromptSamples  # noqa: E402
-from bench.registry import METRICS, REWARDS  # noqa: E402
+from bench.core.errors import BenchError, MissingWeightsError  # noqa: E402
+from bench.core.evaluation import EvalContext, PromptSamples  # noqa: E402
+from bench.core.registry import METRICS, REWARDS  # noqa: E402
 from metrics import perceptual as P  # noqa: E402
-from rewards.weights import SPECS  # noqa: E402
+from bench.core.weights import SPECS  # noqa: E402
 
 
 def _images(n: int, seed: int, h: int = 40, w: int = 40) -> torch.Tensor:

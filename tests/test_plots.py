@@ -1,4 +1,4 @@
-"""Figures (`bench plot`, bench/plots.py:make_figures): held-out metrics vs training reward (Fig. 3),
+"""Figures (`bench plot`, bench/app/plots.py:make_figures): held-out metrics vs training reward (Fig. 3),
 α-sweep fronts with the exact front (Fig. 4), learning curves with seed bands, sample grids. The
 files are opened and checked (PNG/PDF signatures, size, image shape) and every figure's axes are
 read back before it is saved."""
@@ -15,12 +15,12 @@ import matplotlib.pyplot as plt
 import pytest
 from typer.testing import CliRunner
 
-import bench.plots as plots
-from bench.cli import app
-from bench.config import resolve
-from bench.evaluation import EvalContext, closed_form_row
-from bench.registry import METRICS
-from bench.runner import build_task, run_dir
+import bench.app.plots as plots
+from bench.app.cli import app
+from bench.app.config import resolve
+from bench.core.evaluation import EvalContext, closed_form_row
+from bench.core.registry import METRICS
+from bench.app.runner import build_task, run_dir
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -91,7 +91,7 @@ def test_pareto_figure_axes_and_files(tmp_path: Path) -> None:
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["exact front p*_α (closed form)", "draft", "sqdf"]
     assert {t.get_text() for t in ax.texts} == {"α=1", "α=0.3"}
-    files = plots.save_figure(fig, tmp_path / "front", ("png", "pdf"))
+    files = plots.save_formats(fig, tmp_path / "front", ("png", "pdf"))
     assert [f.name for f in files] == ["front.png", "front.pdf"]
     for f in files:
         check_file(f)
@@ -102,23 +102,18 @@ def test_bench_plot_writes_every_kind(tmp_path: Path, monkeypatch: pytest.Monkey
     fake_runs(root)
     seen: dict[str, list[tuple[str, str, str]]] = {}
     legends: dict[str, list[str]] = {}
-    real_save, real_save_figure = plots._save, plots.save_figure
+    real_save = plots.save_figure
 
     def axes_of(fig: Any) -> list[tuple[str, str, str]]:
         return [(ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) for ax in fig.axes if ax.get_visible() and ax.axison]
 
-    def spy_save(fig: Any, path: Path) -> None:
-        seen[Path(path).name] = axes_of(fig)
-        real_save(fig, path)
+    def spy_save(fig: Any, *paths: Path) -> list[Path]:
+        for path in paths:
+            seen[Path(path).name] = axes_of(fig)
+            legends[Path(path).name] = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+        return real_save(fig, *paths)
 
-    def spy_save_figure(fig: Any, stem: Path, formats: Any = ("png", "pdf")) -> list[Path]:
-        for fmt in formats:
-            seen[f"{Path(stem).name}.{fmt}"] = axes_of(fig)
-            legends[f"{Path(stem).name}.{fmt}"] = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
-        return real_save_figure(fig, stem, formats)
-
-    monkeypatch.setattr(plots, "_save", spy_save)
-    monkeypatch.setattr(plots, "save_figure", spy_save_figure)
+    monkeypatch.setattr(plots, "save_figure", spy_save)
     out = tmp_path / "figs"
     res = CliRunner().invoke(app, ["plot", str(root), "--out", str(out), "--no-reference"])
     assert res.exit_code == 0, res.output
@@ -165,13 +160,14 @@ def test_queries_figure_puts_oracle_queries_on_the_x_axis(tmp_path: Path, monkey
             recs.append(e)
         mfile.write_text("".join(json.dumps(r) + "\n" for r in recs))
     seen: dict[str, Any] = {}
-    real_save = plots._save
+    real_save = plots.save_figure
 
-    def spy_save(fig: Any, path: Path) -> None:
-        seen[Path(path).name] = [(ax.get_xlabel(), ax.get_ylabel(), [list(line.get_xdata()) for line in ax.get_lines()]) for ax in fig.axes]
-        real_save(fig, path)
+    def spy_save(fig: Any, *paths: Path) -> list[Path]:
+        for path in paths:
+            seen[Path(path).name] = [(ax.get_xlabel(), ax.get_ylabel(), [list(line.get_xdata()) for line in ax.get_lines()]) for ax in fig.axes]
+        return real_save(fig, *paths)
 
-    monkeypatch.setattr(plots, "_save", spy_save)
+    monkeypatch.setattr(plots, "save_figure", spy_save)
     out = tmp_path / "figs"
     res = CliRunner().invoke(app, ["plot", str(root), "--out", str(out), "--kind", "queries", "--format", "png", "--no-reference"])
     assert res.exit_code == 0, res.output
@@ -186,19 +182,20 @@ def test_queries_figure_puts_oracle_queries_on_the_x_axis(tmp_path: Path, monkey
 def test_results_report_draws_one_line_and_one_sample_figure_per_table_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A suite that runs one method under two configs (an ablation) gets a curve and a sample figure
     per config, labelled like the table's rows, not one curve pooling both."""
-    import bench.report as report
-    from bench.table import load_results
+    import bench.app.report as report
+    from bench.app.table import load_results
 
     root = tmp_path / "runs"
     fake_runs(root, configs=(("sqdf", {}), ("sqdf", {"gamma": 0.9})))
     legends: dict[str, list[str]] = {}
-    real_save = plots._save
+    real_save = plots.save_figure
 
-    def spy_save(fig: Any, path: Path) -> None:
-        legends[Path(path).name] = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
-        real_save(fig, path)
+    def spy_save(fig: Any, *paths: Path) -> list[Path]:
+        for path in paths:
+            legends[Path(path).name] = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+        return real_save(fig, *paths)
 
-    monkeypatch.setattr(plots, "_save", spy_save)
+    monkeypatch.setattr(plots, "save_figure", spy_save)
     out = report.write_report("abl", load_results(sorted(q.parent for q in root.rglob("final.json"))), root, tmp_path / "results")
     rows = ["sqdf (gamma=1.0)", "sqdf (gamma=0.9)"]
     assert legends["gmm-ring8_quadratic_a1_curves.png"] == [f"{r} (n=2)" for r in rows] + ["p* (exact)"]

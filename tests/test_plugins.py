@@ -21,7 +21,7 @@ def example_source() -> str:
 def test_documented_example_runs_as_a_plugin(tmp_path: Path) -> None:
     (tmp_path / "my_reinforce.py").write_text(example_source())
     env = {**os.environ, "PYTHONPATH": str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "bench.cli", "--plugin", "my_reinforce"]
+    cmd = [sys.executable, "-m", "bench.app.cli", "--plugin", "my_reinforce"]
     ls = subprocess.run([*cmd, "ls", "methods"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert ls.returncode == 0, ls.stderr
     assert "reinforce-kl v1 [reward queries only]" in ls.stdout and "sqdf" in ls.stdout
@@ -39,7 +39,7 @@ def test_documented_example_runs_as_a_plugin(tmp_path: Path) -> None:
 
 
 def test_unknown_plugin_is_a_one_line_error(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "bench.cli", "--plugin", "no_such_module_xyz", "ls"], cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", "bench.app.cli", "--plugin", "no_such_module_xyz", "ls"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: could not import plugin module 'no_such_module_xyz'")
     assert r.stderr.count("\n") == 1

@@ -29,10 +29,10 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from bench.config import apply_dict, resolve  # noqa: E402
-from bench.diffusion import ddim_step, draw_noise, guided_eps, rollout  # noqa: E402
-from bench.errors import BenchError, MissingWeightsError  # noqa: E402
-from bench.registry import METHODS, TASKS  # noqa: E402
+from bench.app.config import apply_dict, resolve  # noqa: E402
+from bench.core.diffusion import ddim_step, draw_noise, guided_eps, rollout  # noqa: E402
+from bench.core.errors import BenchError, MissingWeightsError  # noqa: E402
+from bench.core.registry import METHODS, TASKS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ def _offline_single_thread(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @pytest.fixture(scope="module")
 def task() -> Any:
-    from bench.runner import build_task
+    from bench.app.runner import build_task
 
     return build_task("sd15-tiny", TASKS.get("sd15-tiny").Config())
 
@@ -91,7 +91,7 @@ def _restore(bb: Any, old: dict[str, torch.Tensor]) -> None:
 
 
 def test_policy_is_reference_and_base_at_init(bb: Any) -> None:
-    from bench.sd_utils import random_components
+    from bench.tasks.sd_utils import random_components
 
     x, t, c = _inputs(bb)
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_adapter_switch_and_checkpoint_replay(task: Any, bb: Any) -> None:
     """After training moves the LoRA: ε_θ ≠ ε_ref, ε_ref is still the base UNet, and gradients
     through checkpointed UNet blocks equal the uncheckpointed ones for both (the recomputation
     replays the adapter state of the forward)."""
-    from bench.sd_utils import sd15_schedule
+    from bench.tasks.sd_utils import sd15_schedule
     from bench.tasks.sd import SDBackbone
 
     plain = SDBackbone(task._components(), sd15_schedule(), unet_checkpointing=False, vae_checkpointing=False)
@@ -147,7 +147,7 @@ def test_adapter_switch_and_checkpoint_replay(task: Any, bb: Any) -> None:
 
 
 def test_micro_batching_does_not_change_results(task: Any, bb: Any) -> None:
-    from bench.sd_utils import sd15_schedule
+    from bench.tasks.sd_utils import sd15_schedule
     from bench.tasks.sd import SDBackbone
 
     split = SDBackbone(task._components(), sd15_schedule(), micro_batch=1)
@@ -204,7 +204,7 @@ def test_gradient_reaches_lora_and_nothing_else(task: Any, bb: Any) -> None:
 def test_lcm_timestep_mapping_and_scalings() -> None:
     from diffusers import LCMScheduler
 
-    from bench.sd_utils import lcm_boundary_scalings, lcm_timestep, lcm_timesteps, sd15_schedule
+    from bench.tasks.sd_utils import lcm_boundary_scalings, lcm_timestep, lcm_timesteps, sd15_schedule
 
     assert lcm_timestep(torch.tensor([961, 21, 1])).tolist() == [959, 19, 19]  # sqdf.md §3.1
     ddim = sd15_schedule().grid(50).timesteps  # 981, 961, ..., 1
@@ -221,7 +221,7 @@ def test_lcm_timestep_mapping_and_scalings() -> None:
 
 
 def test_consistency_x0_formula_and_gradient(bb: Any) -> None:
-    from bench.sd_utils import lcm_boundary_scalings
+    from bench.tasks.sd_utils import lcm_boundary_scalings
 
     assert bb.has_consistency_model
     x, _, c = _inputs(bb, 2)
@@ -250,7 +250,7 @@ def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny components saved as a diffusers SD folder (+ a stand-in LCM-LoRA file)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from bench.sd_utils import random_components, tiny_unet_config, write_random_lora
+    from bench.tasks.sd_utils import random_components, tiny_unet_config, write_random_lora
 
     d = tmp_path_factory.mktemp("sd-folder")
     c = random_components("tiny", seed=0)
@@ -278,7 +278,8 @@ def test_sd15_loads_a_local_diffusers_folder(sd_folder: Path, bb: Any) -> None:
 def test_sd15_refuses_a_foreign_schedule(sd_folder: Path, tmp_path: Path) -> None:
     import shutil
 
-    from bench.sd_utils import resolve_sd_weights, check_scheduler_config
+    from bench.core.weights import resolve_sd_weights
+    from bench.tasks.sd_utils import check_scheduler_config
 
     model = tmp_path / "model"
     shutil.copytree(sd_folder / "model", model)
@@ -290,7 +291,8 @@ def test_sd15_refuses_a_foreign_schedule(sd_folder: Path, tmp_path: Path) -> Non
 
 
 def test_missing_weights_are_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sd_folder: Path) -> None:
-    from bench.sd_utils import SD15_REPO, resolve_lora_file, resolve_sd_weights
+    from bench.core.weights import resolve_lora_file, resolve_sd_weights
+    from bench.tasks.sd_utils import SD15_REPO
     from bench.tasks.sd import SD15Config, SD15Task
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty Hugging Face cache
@@ -318,7 +320,7 @@ def test_missing_weights_are_one_clear_error(tmp_path: Path, monkeypatch: pytest
 def test_cli_missing_weights_exit_code_2(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("BENCH_SD15_PATH", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--task", "sd15", "--methods", "draft", "--seeds", "0", "--quiet",
+    proc = subprocess.run([sys.executable, "-m", "bench.app.cli", "run", "--task", "sd15", "--methods", "draft", "--seeds", "0", "--quiet",
                            "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -331,7 +333,7 @@ def test_cli_missing_weights_exit_code_2(tmp_path: Path) -> None:
 
 
 def test_prompt_sets(task: Any, tmp_path: Path) -> None:
-    from bench.sd_utils import load_hpsv2_prompts
+    from bench.tasks.sd_utils import load_hpsv2_prompts
     from bench.tasks.sd import SD15TinyConfig, SD15TinyTask
 
     train, held = task.train_prompts, task.eval_prompt_sets["heldout"]
@@ -395,7 +397,7 @@ def test_double_normalize_only_for_the_training_reward() -> None:
 
 
 def test_reward_selects_sd15() -> None:
-    from bench.cli import task_for_reward
+    from bench.app.cli import task_for_reward
 
     assert task_for_reward("hps") == "sd15" and task_for_reward("aesthetic") == "sd15"
     cfgs = [resolve(task_for_reward("hps"), m, 0, reward="hps") for m in ("sqdf", "draft")]
@@ -427,9 +429,9 @@ def _tiny_run_config(method: str) -> Any:
 
 @pytest.mark.parametrize("method", METHODS.names())
 def test_every_method_runs_one_step(method: str, task: Any) -> None:
-    from bench.clock import PhaseClock
-    from methods.base import TrainContext
-    from rewards.base import BudgetExhausted, CountingReward
+    from bench.core.clock import PhaseClock
+    from bench.core.method import TrainContext
+    from bench.core.reward import BudgetExhausted, CountingReward
 
     cfg = _tiny_run_config(method)
     backbone = task.build_backbone()
@@ -459,7 +461,7 @@ def test_every_method_runs_one_step(method: str, task: Any) -> None:
 def cli_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from typer.testing import CliRunner
 
-    from bench.cli import app
+    from bench.app.cli import app
 
     d = tmp_path_factory.mktemp("cli")
     res = CliRunner().invoke(app, ["run", "--task", "sd15-tiny", "--methods", "sqdf,draft", "--seeds", "0", "--quiet",
@@ -486,8 +488,8 @@ def test_cli_end_to_end(cli_run: Path) -> None:
 def test_saved_lora_loads_into_a_diffusers_pipeline(cli_run: Path) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from bench.config import config_from_dict
-    from bench.sd_utils import random_components
+    from bench.app.config import config_from_dict
+    from bench.tasks.sd_utils import random_components
 
     run = next(cli_run.glob("runs/sd15-tiny/sqdf/*/"))
     c = random_components("tiny", seed=0)  # the same tiny components the run started from
@@ -507,7 +509,7 @@ def test_saved_lora_loads_into_a_diffusers_pipeline(cli_run: Path) -> None:
     # the pipeline's UNet now is the run's policy: compare with the checkpointed LoRA
     cfg = config_from_dict(json.loads((run / "config.json").read_text()))
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
-    from bench.runner import build_task
+    from bench.app.runner import build_task
 
     bb = build_task(cfg.task, cfg.task_cfg).build_backbone()
     bb.load_trainable_state_dict(state["method"]["params"])

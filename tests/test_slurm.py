@@ -23,12 +23,12 @@ from typing import Callable
 import pytest
 import yaml
 
-from bench.grid import expand, load_grid
-from bench.runner import MetricLog
+from bench.app.grid import expand, load_grid
+from bench.app.runner import MetricLog
 
 pytestmark = pytest.mark.slurm
 
-BENCH = [sys.executable, "-m", "bench.cli"]
+BENCH = [sys.executable, "-m", "bench.app.cli"]
 GRID = {
     "name": "slurm-it",
     "tasks": ["gmm-ring8"],

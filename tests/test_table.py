@@ -1,4 +1,4 @@
-"""Tables (bench/table.py, `bench table`): golden Markdown, LaTeX and CSV from small synthetic
+"""Tables (bench/app/table.py, `bench table`): golden Markdown, LaTeX and CSV from small synthetic
 final.json files, best-per-column marks and arrows, the published-number column, and the refusal
 to mix runs whose versions or evaluation prompt sets differ."""
 
@@ -15,9 +15,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bench.cli import app
-from bench.errors import BenchError
-from bench.table import groups, load_paper, long_rows, make_table
+from bench.app.cli import app
+from bench.core.errors import BenchError
+from bench.app.table import groups, load_paper, long_rows, make_table
 
 COLUMNS = ("reward", "path_kl", "gap", "mode_recall")
 # draft: 3 seeds, sqdf: 2 seeds; hand-computed means and sample stds in the golden strings below
@@ -179,7 +179,7 @@ def test_refuses_to_mix_versions_and_prompt_sets(change: Any, what: str, tmp_pat
         d = tmp_path / "runs" / r["method"]["name"] / r["run"]
         d.mkdir(parents=True, exist_ok=True)
         (d / "final.json").write_text(json.dumps(r))
-    from bench.cli import main
+    from bench.app.cli import main
     import sys
 
     argv = sys.argv

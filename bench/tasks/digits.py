@@ -69,12 +69,13 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.cache import atomic_torch_save, cache_path, cached
-from bench.diffusion import NoiseSchedule, draw_noise, ode_x0, rollout
-from bench.errors import BenchError
-from bench.nets import TimeMLP
-from bench.registry import TASKS
-from bench.tasks.base import Backbone, SamplerConfig, Task
+from bench.core.cache import cache_path, cached
+from bench.core.io import atomic_torch_save, save_figure
+from bench.core.diffusion import NoiseSchedule, draw_noise, ode_x0, rollout
+from bench.core.errors import BenchError
+from bench.tasks.nets import TimeMLP
+from bench.core.registry import TASKS
+from bench.core.task import Backbone, SamplerConfig, Task
 from rewards.digits import (
     DIGIT_PROMPTS,
     DigitClassifierReward,
@@ -470,7 +471,7 @@ class DigitsTask(Task):
     @cached_property
     def judges(self) -> Any:
         """Held-out judges, `metrics.digits.HeldOutJudges` (fitted on the held-out split only)."""
-        from metrics.digits import HeldOutJudges  # (imported here: metrics import bench.evaluation, which imports the tasks)
+        from metrics.digits import HeldOutJudges  # (imported here: metrics import bench.core.evaluation, which imports the tasks)
 
         c, d = self.cfg, self.data
 
@@ -668,7 +669,6 @@ def plot_digit_samples(samples: dict[str, Tensor], grids: dict[int, dict[str, Te
     noise draw through training."""
     import matplotlib.pyplot as plt
 
-    from bench.plots import _save
 
     prompts = list(samples)
     top = _mosaic([[samples[p][i] for i in range(min(per_prompt, samples[p].shape[0]))] for p in prompts])
@@ -689,7 +689,7 @@ def plot_digit_samples(samples: dict[str, Tensor], grids: dict[int, dict[str, Te
         ax2.set_xticks([(j * per_checkpoint + per_checkpoint / 2) * 9 for j in range(len(prompts))], [p.split()[-1] for p in prompts], fontsize=7)
         ax2.set_title(f"the first {per_checkpoint} samples of each prompt at every evaluation (columns: digit)", fontsize=8)
     fig.suptitle(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _mosaic(rows: list[list[Tensor]]) -> Any:

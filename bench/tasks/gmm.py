@@ -37,14 +37,14 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from bench.cache import cached
-from bench.diffusion import NoiseSchedule, ode_x0
-from bench.errors import BenchError
-from bench.gmm import GaussianMixture, GridTarget, Quadrature, QuadraticForm, TiltedMixture, grid, ring
-from bench.nets import TimeMLP
-from bench.registry import REWARDS, TASKS
-from bench.tasks.base import Backbone, SamplerConfig, Task
-from rewards.base import Reward
+from bench.core.cache import cached
+from bench.core.diffusion import NoiseSchedule, ode_x0
+from bench.core.errors import BenchError
+from bench.core.gmm import GaussianMixture, GridTarget, Quadrature, QuadraticForm, TiltedMixture, grid, ring
+from bench.tasks.nets import TimeMLP
+from bench.core.registry import REWARDS, TASKS
+from bench.core.task import Backbone, SamplerConfig, Task
+from bench.core.reward import Reward
 from rewards.gmm import BumpProxyReward, LearnedProxyReward, LinearReward, MixtureClassifierReward, QuadraticReward
 
 
@@ -279,7 +279,7 @@ class GMMTask(Task):
         return x.flatten(1)
 
     def plot_samples(self, samples: dict[str, Tensor], reward: str, alpha: float, path: Path, title: str) -> None:
-        from bench.plots import plot_2d_samples
+        from bench.tasks.figures import plot_2d_samples
 
         prompts = list(samples)[:6]
         plot_2d_samples(
@@ -313,7 +313,7 @@ class Ring8Task(GMMTask):
 
 
 def _grid25_label_sets() -> tuple[dict[str, list[int]], list[str], list[str]]:
-    # component k = 5 i + j sits at x = (i − 2)·5, y = (j − 2)·5 (bench.gmm.grid ordering)
+    # component k = 5 i + j sits at x = (i − 2)·5, y = (j − 2)·5 (bench.core.gmm.grid ordering)
     sets: dict[str, list[int]] = {}
     for j in range(5):
         sets[f"row {j}"] = [5 * i + j for i in range(5)]
@@ -424,7 +424,7 @@ class Sub64Task(GMMTask):
         return (x - (x @ u) @ u.T).norm(dim=-1)
 
     def plot_samples(self, samples: dict[str, Tensor], reward: str, alpha: float, path: Path, title: str) -> None:
-        from bench.plots import plot_subspace_samples
+        from bench.tasks.figures import plot_subspace_samples
 
         tgt = self.target(reward, alpha, "")
         ref = tgt.sample(4000, torch.Generator().manual_seed(0))

@@ -56,7 +56,7 @@ Deliberate deviations from the official code:
 Not here: SDXL. Its UNet also needs pooled text embeddings and size/crop time ids; the Backbone's
 single `cond` tensor (which methods concatenate and index) would have to pack them, so it waits for
 an interface decision. The SD plumbing (configs, weights, tokenizer, LoRA I/O, LCM grid) lives in
-bench/sd_utils.py; this file keeps the backbone, the oracle and the two tasks (hence ~700 lines).
+bench/tasks/sd_utils.py; this file keeps the backbone, the oracle and the two tasks (hence ~700 lines).
 """
 
 from __future__ import annotations
@@ -72,11 +72,11 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.diffusion import NoiseSchedule, alpha_nats_from_sqdf
-from bench.errors import BenchError
-from bench.registry import METRICS, REWARDS, TASKS
-from bench.tasks.base import Backbone, SamplerConfig, Task
-from rewards.base import Reward, RewardWrapper
+from bench.core.diffusion import NoiseSchedule, alpha_nats_from_sqdf
+from bench.core.errors import BenchError
+from bench.core.registry import METRICS, REWARDS, TASKS
+from bench.core.task import Backbone, SamplerConfig, Task
+from bench.core.reward import Reward, RewardWrapper
 
 IMAGE_REWARDS = ("aesthetic", "hps-v2.0", "hps-v2.1", "imagereward", "clip-score", "pickscore")
 "the differentiable image rewards of the SD tasks (rewards/*.py)"
@@ -93,7 +93,7 @@ class SDBackbone(Backbone):
     encoder, VAE decoder and, on demand, the frozen LCM UNet (SQDF's f_ψ).
 
     Args:
-        components: `bench.sd_utils.SDComponents` (unet, vae, text_encoder, tokenizer), frozen.
+        components: `bench.tasks.sd_utils.SDComponents` (unet, vae, text_encoder, tokenizer), frozen.
         schedule: the DDIM schedule (SD1.5's).
         lora_rank, lora_targets, lora_seed: the LoRA (B = 0 at init, so ε_θ ≡ ε_ref exactly).
         device, dtype: where and in which precision the frozen parts run (LoRA stays fp32).
@@ -120,7 +120,7 @@ class SDBackbone(Backbone):
         lcm_loader: Callable[[], nn.Module] | None = None,
         base_model: str = "",
     ) -> None:
-        from bench.sd_utils import add_lora, lora_layers
+        from bench.tasks.sd_utils import add_lora, lora_layers
 
         super().__init__()
         self.schedule = schedule
@@ -158,7 +158,7 @@ class SDBackbone(Backbone):
     @contextlib.contextmanager
     def adapters(self, on: bool) -> Iterator[None]:
         """ε_θ (on) or ε_ref (off) for the enclosed UNet calls."""
-        from bench.sd_utils import adapters_enabled
+        from bench.tasks.sd_utils import adapters_enabled
 
         prev = self._adapters_on
         self._adapters_on = on
@@ -268,7 +268,7 @@ class SDBackbone(Backbone):
         Returns:
             [B, 4, h, w] on x's device.
         """
-        from bench.sd_utils import lcm_boundary_scalings, lcm_timestep
+        from bench.tasks.sd_utils import lcm_boundary_scalings, lcm_timestep
 
         lcm = self._lcm()
         self.counter.add("consistency", x.shape[0])
@@ -286,7 +286,7 @@ class SDBackbone(Backbone):
 
     def save_trained(self, path: Path) -> Path:
         """The LoRA as diffusers pipelines load it: `pipe.load_lora_weights(path)`."""
-        from bench.sd_utils import save_unet_lora
+        from bench.tasks.sd_utils import save_unet_lora
 
         info = {"base_model": self.base_model, "lora_rank": self.lora_rank, "lora_targets": list(self.lora_targets),
                 "load_with": "StableDiffusionPipeline.from_pretrained(base_model).load_lora_weights(this folder)"}
@@ -460,7 +460,7 @@ class SDTask(Task):
     default_alphas = tuple(alpha_nats_from_sqdf(a, 4 * 64 * 64) for a in (0.5, 1.0, 2.0, 4.0))
 
     def __init__(self, cfg: SDTaskConfig, device: str = "cpu") -> None:
-        from bench.sd_utils import resolve_device, resolve_dtype, sd15_schedule
+        from bench.tasks.sd_utils import resolve_device, resolve_dtype, sd15_schedule
 
         super().__init__(cfg, device)
         self.torch_device = resolve_device(cfg.device)
@@ -474,7 +474,7 @@ class SDTask(Task):
     # ---- prompts -------------------------------------------------------------------------------
 
     def _prompt_sets(self) -> tuple[list[str], dict[str, list[str]]]:
-        from bench.sd_utils import PROMPT_DIR, load_hpsv2_prompts, read_prompt_file
+        from bench.tasks.sd_utils import PROMPT_DIR, load_hpsv2_prompts, read_prompt_file
 
         if self.cfg.prompts == "animals":
             train = read_prompt_file(PROMPT_DIR / "simple_animals.txt")
@@ -498,7 +498,7 @@ class SDTask(Task):
 
     @abstractmethod
     def _components(self) -> Any:
-        """Fresh frozen SD components (`bench.sd_utils.SDComponents`)."""
+        """Fresh frozen SD components (`bench.tasks.sd_utils.SDComponents`)."""
 
     @abstractmethod
     def _lcm_unet(self, comps: Any) -> nn.Module:
@@ -614,12 +614,13 @@ class SD15Task(SDTask):
     Config = SD15Config
 
     def _root(self) -> Path:
-        from bench.sd_utils import SD15_REPO, resolve_sd_weights
+        from bench.core.weights import resolve_sd_weights
+        from bench.tasks.sd_utils import SD15_REPO
 
         return resolve_sd_weights(self.cfg.model, f"task {self.name} (Stable Diffusion v1.5)", "BENCH_SD15_PATH", SD15_REPO, self.cfg.variant)
 
     def _components(self) -> Any:
-        from bench.sd_utils import load_components
+        from bench.tasks.sd_utils import load_components
 
         comps = load_components(self._root(), self.dtype, self.torch_device, self.cfg.variant)
         if self.cfg.resolution:
@@ -628,7 +629,8 @@ class SD15Task(SDTask):
         return comps
 
     def _lcm_unet(self, comps: Any) -> nn.Module:
-        from bench.sd_utils import LCM_LORA_REPO, fuse_lora_into, load_unet, resolve_lora_file
+        from bench.core.weights import resolve_lora_file
+        from bench.tasks.sd_utils import LCM_LORA_REPO, fuse_lora_into, load_unet
 
         lora = resolve_lora_file(self.cfg.lcm_lora, f"sqdf's consistency model on task {self.name} (LCM-LoRA)", "BENCH_LCM_LORA_PATH", LCM_LORA_REPO)
         unet = load_unet(self._root(), self.dtype, self.torch_device, self.cfg.variant)
@@ -657,14 +659,15 @@ class SD15TinyTask(SDTask):
     TINY_LCM_TARGETS: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out")
 
     def _components(self) -> Any:
-        from bench.sd_utils import random_components
+        from bench.tasks.sd_utils import random_components
 
         return random_components("tiny", seed=self.cfg.init_seed, dtype=self.dtype, device=self.torch_device)
 
     def _lcm_unet(self, comps: Any) -> nn.Module:
         """The tiny base UNet with a fixed random LoRA fused through the LCM-LoRA loading path."""
-        from bench.cache import cache_dir
-        from bench.sd_utils import LORA_FILE, fuse_lora_into, random_components, tiny_unet_config, write_random_lora
+        from bench.core.cache import cache_dir
+        from bench.core.weights import LORA_FILE
+        from bench.tasks.sd_utils import fuse_lora_into, random_components, tiny_unet_config, write_random_lora
 
         folder = cache_dir() / "tiny-lcm-lora" / f"seed{self.cfg.init_seed}"
         f = folder / LORA_FILE

@@ -4,7 +4,7 @@
     bench run --task gmm-ring8 --methods sqdf,draft --seeds 0,1,2 --set method.lr=1e-3
     bench ls [methods|rewards|metrics|tasks]
     bench table runs/gmm-ring8                  # tables of finished runs (--paper: published numbers beside them)
-    bench grid my_grid.yaml --executor slurm    # a grid of runs as Slurm jobs (bench/grid.py); local, debug without Slurm
+    bench grid my_grid.yaml --executor slurm    # a grid of runs as Slurm jobs (bench/app/grid.py); local, debug without Slurm
     bench status my_grid.yaml                   # done / running / pending / failed per cell
     bench plot runs/gmm-ring8                   # paper figures (PNG, PDF): metrics vs reward, α fronts, curves, samples
     bench prepare digits                        # train and cache a task's local pieces (base, rewards, judges, references)
@@ -23,9 +23,9 @@ from typing import Any, List, Optional
 
 import typer
 
-from bench.config import CONFIG_DIR, RunConfig, load_yaml, merge, parse_sets, resolve
-from bench.errors import BenchError
-from bench.registry import METHODS, METRICS, REWARDS, TASKS
+from bench.app.config import CONFIG_DIR, RunConfig, load_yaml, merge, parse_sets, resolve
+from bench.core.errors import BenchError
+from bench.core.registry import METHODS, METRICS, REWARDS, TASKS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="diffusion-alignment-bench: reward fine-tuning of diffusion models, compared fairly.")
 
@@ -38,7 +38,7 @@ def _global_options(
 ) -> None:
     """diffusion-alignment-bench: reward fine-tuning of diffusion models, compared fairly."""
     if plugin:
-        from bench.registry import PLUGIN_ENV
+        from bench.core.registry import PLUGIN_ENV
 
         names = [n for n in os.environ.get(PLUGIN_ENV, "").split(",") if n] + list(plugin)
         os.environ[PLUGIN_ENV] = ",".join(dict.fromkeys(names))  # spawned workers inherit it
@@ -100,7 +100,7 @@ def expand_suite(path: Path, extra: dict[str, Any], seeds: list[int] | None = No
 
 
 def _run_parallel(cfgs: list[RunConfig], root: Path, jobs: int, force: bool, progress: bool) -> list[dict[str, Any]]:
-    from bench.runner import run_many
+    from bench.app.runner import run_many
 
     if jobs <= 1 or len(cfgs) <= 1:
         return run_many(cfgs, root, force=force, progress=progress)
@@ -132,13 +132,13 @@ def _worker_init(threads: int) -> None:
 
 
 def _worker_run(cfg_dict: dict[str, Any], root: str, force: bool) -> dict[str, Any]:
-    from bench.config import config_from_dict
-    from bench.runner import run_one
+    from bench.app.config import config_from_dict
+    from bench.app.runner import run_one
 
     return run_one(config_from_dict(cfg_dict), Path(root), force=force, progress=False)
 
 
-# ---- executors (bench/grid.py): options shared by `run` and `grid` ------------------------------------------
+# ---- executors (bench/app/grid.py): options shared by `run` and `grid` ------------------------------------------
 
 PARTITION_OPT = typer.Option(None, "--partition", help="Slurm partition")
 GPUS_OPT = typer.Option(None, "--gpus", help="Slurm: GPUs per job")
@@ -152,7 +152,7 @@ WAIT_OPT = typer.Option(True, "--wait/--no-wait", help="Slurm: wait for the jobs
 
 def _slurm_cli(partition: str | None, gpus: int | None, cpus: int | None, mem: float | None, time_min: int | None,
                account: str | None, sbatch: list[str]) -> dict[str, Any]:
-    from bench.grid import parse_sbatch
+    from bench.app.grid import parse_sbatch
 
     return {"partition": partition, "gpus_per_node": gpus, "cpus_per_task": cpus, "mem_gb": mem, "timeout_min": time_min,
             "account": account, "additional": parse_sbatch(sbatch) or None}
@@ -160,9 +160,9 @@ def _slurm_cli(partition: str | None, gpus: int | None, cpus: int | None, mem: f
 
 def _submit_cells(cells: list[Any], name: str, description: str, executor: str, runs_dir: Path, results_dir: Path,
                   max_parallel: int, slurm: Any, force: bool, wait: bool, report: bool) -> None:
-    """Submit cells through bench.grid, wait, report failures, write results/<name>/ for the finished ones."""
-    from bench.grid import submit
-    from bench.table import load_results
+    """Submit cells through bench.app.grid, wait, report failures, write results/<name>/ for the finished ones."""
+    from bench.app.grid import submit
+    from bench.app.table import load_results
 
     outcome = submit(cells, runs_dir, name, executor, slurm, max_parallel, force, wait, echo=typer.echo)
     for c, why in outcome.skipped:
@@ -172,7 +172,7 @@ def _submit_cells(cells: list[Any], name: str, description: str, executor: str, 
         return
     results = load_results([c.dir(runs_dir) for c in cells])
     if report and results:
-        from bench.report import write_report
+        from bench.app.report import write_report
 
         out = write_report(name, results, runs_dir, results_dir, description)
         typer.echo(f"table: {out / 'table.md'}")
@@ -236,11 +236,11 @@ def run(
             typer.echo(json.dumps(c.to_dict()))
         typer.echo(f"{len(cfgs)} runs; results -> {results_dir / name}", err=True)
         return
-    from bench.report import write_report
-    from bench.runner import run_dir
+    from bench.app.report import write_report
+    from bench.app.runner import run_dir
 
-    if executor:  # bench/grid.py: one submitit job per run
-        from bench.grid import Cell, SlurmParams
+    if executor:  # bench/app/grid.py: one submitit job per run
+        from bench.app.grid import Cell, SlurmParams
 
         slurm = SlurmParams().merged(_slurm_cli(partition, gpus, cpus, mem, time_min, account, sbatch))
         _submit_cells([Cell(c) for c in cfgs], name, description, executor, runs_dir, results_dir, jobs or int(opts.get("jobs", 0)),
@@ -290,7 +290,7 @@ def table(
     time: bool = typer.Option(True, "--time/--no-time", help="include the wall-time column (--no-time: comparable across machines)"),
 ) -> None:
     """Tables (mean ± std over seeds with n) of finished runs."""
-    from bench.table import find_runs, groups, load_paper, load_results, long_rows, make_table
+    from bench.app.table import find_runs, groups, load_paper, load_results, long_rows, make_table
 
     published = load_paper(paper_file) if (paper or paper_file) else None
 
@@ -312,8 +312,8 @@ def table(
     for (task, reward, alpha), runs in groups(results).items():
         ref = None
         if reference:
-            from bench.config import config_from_dict
-            from bench.runner import reference_rows
+            from bench.app.config import config_from_dict
+            from bench.app.runner import reference_rows
 
             cfg0 = config_from_dict(json.loads((Path(runs[0]["_dir"]) / "config.json").read_text()))
             root = Path(runs[0]["_dir"]).parents[2]
@@ -347,7 +347,7 @@ def prepare(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Train and cache a task's local pieces (e.g. digits: base model, rewards, judges, SIR pool)."""
-    from bench.config import apply_dict
+    from bench.app.config import apply_dict
 
     name = TASKS.canonical(task)
     task_cls = TASKS.get(name)
@@ -374,7 +374,7 @@ def prepare(
 
 @app.command()
 def grid(
-    path: Path = typer.Argument(..., help="grid YAML: tasks, methods, rewards, alphas, seeds, set sweeps, slurm (see bench/grid.py)"),
+    path: Path = typer.Argument(..., help="grid YAML: tasks, methods, rewards, alphas, seeds, set sweeps, slurm (see bench/app/grid.py)"),
     executor: str = typer.Option("local", "--executor", help="slurm (one job per cell, a job array), local (processes here) or debug (in this process)"),
     sets: List[str] = typer.Option([], "--set", help="override key=value for every cell; a YAML list sweeps, e.g. 'alpha=[1,0.3]'; repeatable"),
     name: Optional[str] = typer.Option(None, "--name", help="results folder and manifest name (default: the grid's)"),
@@ -394,7 +394,7 @@ def grid(
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells (run / skipped, and why) and exit"),
 ) -> None:
     """Run a grid (tasks × rewards × methods × α × --set sweeps × seeds); finished cells are skipped."""
-    from bench.grid import expand, load_grid, plan
+    from bench.app.grid import expand, load_grid, plan
 
     spec = load_grid(path, sets)
     cells = expand(spec)
@@ -418,7 +418,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="one JSON object per cell"),
 ) -> None:
     """State of each cell: done, running, pending, failed (with why), incomplete or not started."""
-    from bench.grid import cell_states, expand, format_states, load_grid
+    from bench.app.grid import cell_states, expand, format_states, load_grid
 
     if not target.exists():
         raise BenchError(f"{target} does not exist")
@@ -444,8 +444,8 @@ def plot(
     reference: bool = typer.Option(True, "--reference/--no-reference", help="reference points (p* draw, base model) and exact-target lines"),
 ) -> None:
     """Paper figures of finished runs: held-out metrics vs training reward, α-sweep fronts, learning curves, sample grids."""
-    from bench.plots import make_figures
-    from bench.table import load_results
+    from bench.app.plots import make_figures
+    from bench.app.table import load_results
 
     dirs: list[Path] = []
     for p in paths:

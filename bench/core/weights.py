@@ -30,15 +30,19 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import gzip
+import json
 import os
+import shutil
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from bench.errors import BenchError, MissingWeightsError
+from bench.core.cache import cache_dir
+from bench.core.errors import BenchError, MissingWeightsError
 
 WeightKind = Literal["file", "snapshot", "dir"]
 
@@ -107,7 +111,7 @@ def download_dir() -> Path:
     """Where URL downloads go: $BENCH_WEIGHTS_DIR if set, else <bench cache>/weights."""
     if os.environ.get("BENCH_WEIGHTS_DIR"):
         return Path(os.environ["BENCH_WEIGHTS_DIR"]).expanduser()
-    from bench.cache import cache_dir
+    from bench.core.cache import cache_dir
 
     return cache_dir() / "weights"
 
@@ -359,3 +363,147 @@ def isolated_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+# --------------------------------------------------------------------------------------------------
+# Stable Diffusion folders and LoRA files (the SD tasks' weights)
+# --------------------------------------------------------------------------------------------------
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+"the file name diffusers' save_lora_weights writes and load_lora_weights looks for"
+
+
+# --------------------------------------------------------------------------------------------------
+# The CLIP tokenizer, offline
+# --------------------------------------------------------------------------------------------------
+
+
+def offline_clip_tokenizer() -> Any:
+    """transformers' CLIPTokenizer over open_clip's bundled BPE (identical ids to OpenAI CLIP's).
+
+    The vocab.json / merges.txt pair is derived once from `open_clip/bpe_simple_vocab_16e6.txt.gz`
+    (deps.md Appendix A): 256 byte symbols, their end-of-word forms, 48 894 merges and the two
+    special tokens, 49 408 entries; cached under $BENCH_CACHE_DIR/clip-tokenizer.
+    """
+    from transformers import CLIPTokenizer
+
+    folder = cache_dir() / "clip-tokenizer" / "openai-clip-bpe-49408"
+    if not (folder / "vocab.json").exists() or not (folder / "merges.txt").exists():
+        _write_clip_bpe_files(folder)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
+
+
+def _write_clip_bpe_files(folder: Path) -> None:
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    n_merges = 49408 - 2 * 256 - 2  # vocabulary = bytes + bytes</w> + merges + 2 specials
+    merges = lines[1 : 1 + n_merges]  # line 0 is the file's version header
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    if len(vocab) != 49408:
+        raise BenchError(f"open_clip's BPE file gave a {len(vocab)}-token vocabulary, expected 49408")
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    if folder.exists():
+        shutil.rmtree(tmp)  # another process won the race
+        return
+    os.replace(tmp, folder)
+
+
+def _weight_names(component: str, variant: str) -> list[str]:
+    base = "model" if component == "text_encoder" else "diffusion_pytorch_model"
+    v = f".{variant}" if variant else ""
+    return [f"{component}/{base}{v}.safetensors", f"{component}/{base}{v}.bin"]
+
+
+_SD_CONFIGS = (("unet/config.json",), ("vae/config.json",), ("text_encoder/config.json",), ("tokenizer/vocab.json", "tokenizer/tokenizer.json"))
+"files every SD folder needs (any one of each group; transformers 5 saves tokenizers as tokenizer.json)"
+
+
+def resolve_sd_weights(spec: str, what: str, env_var: str, default: str, variant: str = "") -> Path:
+    """The local folder holding a diffusers SD checkpoint (unet/, vae/, text_encoder/, tokenizer/).
+
+    Args:
+        spec: a local folder or a Hugging Face repository id. When it equals `default` and
+            `env_var` is set, the environment variable's folder is used instead.
+        what: how the error message names the consumer, e.g. "task sd15".
+        variant: diffusers weight variant ("" or "fp16").
+    Raises:
+        MissingWeightsError: one line naming the first missing file and how to get it. With
+            HF_HUB_OFFLINE=1 no download is attempted.
+    """
+    if spec == default and os.environ.get(env_var):
+        spec = os.environ[env_var]
+    how = (f"download it with `hf download {default}` (or point --set task.model=<folder> / ${env_var} at a local "
+           f"diffusers folder with unet/, vae/, text_encoder/, tokenizer/)")
+    local = Path(spec).expanduser()
+    if local.is_dir() or spec.startswith(("/", ".", "~")):
+        if not local.is_dir():
+            raise MissingWeightsError(what, str(local), how)
+        missing = _missing_files(lambda rel: (local / rel).exists(), variant)
+        if missing:
+            raise MissingWeightsError(what, str(local / missing), how)
+        return local
+    return _from_hub(spec, what, how, variant)
+
+
+def _missing_files(exists: Any, variant: str) -> str | None:
+    for group in _SD_CONFIGS:
+        if not any(exists(rel) for rel in group):
+            return group[0]
+    for comp in ("unet", "vae", "text_encoder"):
+        names = _weight_names(comp, variant)
+        if not any(exists(n) for n in names):
+            return names[0]
+    return None
+
+
+def _from_hub(repo: str, what: str, how: str, variant: str) -> Path:
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
+
+    def cached(rel: str) -> bool:
+        return isinstance(try_to_load_from_cache(repo, rel), str)
+
+    missing = _missing_files(cached, variant)
+    if missing is None:
+        return Path(try_to_load_from_cache(repo, _SD_CONFIGS[0][0])).parents[1]
+    if hf_offline():
+        raise MissingWeightsError(what, f"{repo}/{missing}", how + "; HF_HUB_OFFLINE=1 is set, so nothing was downloaded")
+    v = f".{variant}" if variant else ""
+    patterns = ["model_index.json", "scheduler/*.json", "*/config.json", "tokenizer/*",
+                f"unet/diffusion_pytorch_model{v}.safetensors", f"vae/diffusion_pytorch_model{v}.safetensors",
+                f"text_encoder/model{v}.safetensors"]
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as e:  # network, auth, missing repository
+        raise MissingWeightsError(what, f"{repo}/{missing}", f"{how} (download failed: {type(e).__name__})") from None
+
+
+def resolve_lora_file(spec: str, what: str, env_var: str, default: str) -> Path:
+    """A LoRA safetensors file: a file, a folder holding `pytorch_lora_weights.safetensors`, or a
+    Hugging Face repository id (cache first; no download when HF_HUB_OFFLINE=1)."""
+    if spec == default and os.environ.get(env_var):
+        spec = os.environ[env_var]
+    how = f"download it with `hf download {default}` (or set ${env_var} / the task option to the file or its folder)"
+    local = Path(spec).expanduser()
+    if local.is_file():
+        return local
+    if local.is_dir() or spec.startswith(("/", ".", "~")):
+        f = local / LORA_FILE
+        if not f.is_file():
+            raise MissingWeightsError(what, str(f), how)
+        return f
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    hit = try_to_load_from_cache(spec, LORA_FILE)
+    if isinstance(hit, str):
+        return Path(hit)
+    if hf_offline():
+        raise MissingWeightsError(what, f"{spec}/{LORA_FILE}", how + "; HF_HUB_OFFLINE=1 is set, so nothing was downloaded")
+    try:
+        return Path(hf_hub_download(spec, LORA_FILE))
+    except Exception as e:
+        raise MissingWeightsError(what, f"{spec}/{LORA_FILE}", f"{how} (download failed: {type(e).__name__})") from None

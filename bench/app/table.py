@@ -17,8 +17,8 @@ from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from bench.errors import BenchError
-from bench.registry import METRICS, TASKS
+from bench.core.errors import BenchError
+from bench.core.registry import METRICS, TASKS
 
 ARROWS = {"max": "↑", "min": "↓", "target": "≈"}
 BUDGET_COLUMNS = (("budget.reward_queries", "queries"), ("budget.denoiser_calls", "denoiser calls"), ("time.total", "time (s)"))
@@ -253,7 +253,7 @@ def long_rows(runs: list[dict[str, Any]], reference: dict[str, dict[str, float]]
 
 # ---- published numbers (bench table --paper) ----------------------------------------------------------------
 
-PAPER_FILE = Path(__file__).resolve().parent.parent / "results" / "paper.yaml"
+PAPER_FILE = Path(__file__).resolve().parents[2] / "results" / "paper.yaml"
 
 
 def load_paper(path: Path | None = None) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from bench.errors import UnknownNameError
+from bench.core.errors import BenchError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -86,41 +86,41 @@ REWARDS: Registry[Any] = Registry("reward")
 METRICS: Registry[Any] = Registry("metric")
 TASKS: Registry[Any] = Registry("task")
 
-_BUILTIN_MODULES = ("methods", "rewards", "metrics", "bench.tasks")
 _loaded = False
-
 
 PLUGIN_ENV = "BENCH_PLUGINS"
 ENTRY_POINT_GROUP = "diffusion_alignment_bench.plugins"
 
 
 def load_all() -> None:
-    """Import the built-in packages, then plugins, so that their decorators run (idempotent).
+    """Import every module that registers entries, so that their decorators run (idempotent).
 
-    Plugins are modules outside this repository that register methods, rewards, metrics or tasks:
-    named in $BENCH_PLUGINS (comma-separated importable module names; `bench run --plugin` sets it)
-    or declared by an installed package under the entry-point group
-    "diffusion_alignment_bench.plugins".
+    The core names no module above it: the built-in tasks, methods, rewards and metrics are
+    declared as entry points of the group "diffusion_alignment_bench.plugins" in pyproject.toml,
+    exactly like a third-party plugin package. Modules named in $BENCH_PLUGINS (comma-separated;
+    `bench --plugin` sets it) are imported after them.
     """
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(mod)
-    names = [m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()]
-    try:
-        from importlib.metadata import entry_points
+    from importlib.metadata import entry_points
 
-        names += [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)]
-    except Exception:  # pragma: no cover - metadata backends vary
-        pass
-    for name in names:
+    names = [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)]  # built-ins + installed plugin packages
+    if not names:
+        _loaded = False
+        raise BenchError(
+            "no tasks or methods are registered: the package's entry points are missing; "
+            "install it with `bash scripts/bootstrap.sh` (or `pip install -e .`)"
+        )
+    for name in names:  # the package's own modules: a failure here is a bug, shown as such
+        importlib.import_module(name)
+    for name in [m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()]:
         if name in sys.modules:
             continue
         try:
             importlib.import_module(name)
+        except BenchError:
+            raise
         except Exception as e:
-            from bench.errors import BenchError
-
             raise BenchError(f"could not import plugin module {name!r} ({type(e).__name__}: {e}); check {PLUGIN_ENV} / PYTHONPATH") from None

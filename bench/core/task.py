@@ -14,9 +14,9 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.clock import CallCounter
-from bench.diffusion import NoiseSchedule
-from bench.errors import BenchError
+from bench.core.clock import CallCounter
+from bench.core.diffusion import NoiseSchedule
+from bench.core.errors import BenchError
 
 
 class Backbone(nn.Module, ABC):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("torch", "numpy", "scipy", "diffusers", "transformers", "peft", "accelerate", "open_clip_torch", "scikit-learn", "submitit")
 
 

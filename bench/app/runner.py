@@ -25,13 +25,14 @@ from typing import Any, Callable
 
 import torch
 
-from bench import distributed as dist
-from bench.cache import atomic_torch_save, config_hash
-from bench.clock import CallCounter, PhaseClock
-from bench.config import RunConfig, dump_json
-from bench.diffusion import alpha_sqdf_from_nats
-from bench.errors import BenchError
-from bench.evaluation import (
+from bench.core import distributed as dist
+from bench.core.cache import config_hash
+from bench.core.clock import CallCounter, PhaseClock
+from bench.app.config import RunConfig
+from bench.core.io import atomic_torch_save, dump_json
+from bench.core.diffusion import alpha_sqdf_from_nats
+from bench.core.errors import BenchError
+from bench.core.evaluation import (
     EvalContext,
     all_eval_prompts,
     closed_form_row,
@@ -40,11 +41,11 @@ from bench.evaluation import (
     sample_model,
     target_samples,
 )
-from bench.provenance import snapshot
-from bench.registry import METHODS, METRICS, TASKS
-from bench.tasks.base import Backbone, SamplerConfig, Task
-from methods.base import TrainContext
-from rewards.base import BudgetExhausted, CountingReward
+from bench.core.provenance import snapshot
+from bench.core.registry import METHODS, METRICS, TASKS
+from bench.core.task import Backbone, SamplerConfig, Task
+from bench.core.method import TrainContext
+from bench.core.reward import BudgetExhausted, CountingReward
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -131,12 +132,12 @@ def run_one(cfg: RunConfig, root: Path, *, force: bool = False, progress: bool =
         stop_after: stop (with a checkpoint, without final.json) after this many iterations of
             this call: a test hook that simulates preemption.
         stop_when: polled after every iteration; once it returns True, stop the same way (the
-            preemption/time-limit signal path of bench.grid.CellJob).
+            preemption/time-limit signal path of bench.app.grid.CellJob).
     Returns:
         The contents of final.json (or {} when stopped early, and on ranks other than 0).
     """
     rank, world = dist.world()
-    if cfg.train.processes > 1 and world == 1:  # spawn the ranks of this run (bench/distributed.py)
+    if cfg.train.processes > 1 and world == 1:  # spawn the ranks of this run (bench/core/distributed.py)
         dist.launch(run_one, cfg.train.processes, cfg, root, force=force, progress=progress, stop_after=stop_after, stop_when=stop_when)
         final = run_dir(root, cfg) / "final.json"
         return json.loads(final.read_text()) if final.exists() else {}

@@ -11,22 +11,20 @@ what is accepted.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
-from bench.cache import config_hash
-from bench.errors import BenchError
-from bench.registry import METHODS, REWARDS, TASKS
-from bench.tasks.base import SamplerConfig
+from bench.core.cache import config_hash
+from bench.core.errors import BenchError
+from bench.core.registry import METHODS, REWARDS, TASKS
+from bench.core.task import SamplerConfig
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class TrainConfig:
     plot: bool = True
     "write a PNG of final samples against the target"
     processes: int = 1
-    "processes (ranks) training this run: each draws its own batch, gradients are averaged (bench/distributed.py)"
+    "processes (ranks) training this run: each draws its own batch, gradients are averaged (bench/core/distributed.py)"
 
     def __post_init__(self) -> None:
         if self.processes > 1 and self.query_budget:
@@ -277,23 +275,3 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
         apply_dict(SamplerConfig(), d["sampler"], "sampler."),
         apply_dict(TrainConfig(), d["train"], "train."),
     )
-
-
-def dump_json(obj: Any, path: Path) -> None:
-    """Atomic JSON write (temporary file + rename)."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if is_dataclass(o):
-        return dataclasses.asdict(o)
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)

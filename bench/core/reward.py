@@ -18,8 +18,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from bench.clock import PhaseClock
-from bench.errors import BenchError
+from bench.core.clock import PhaseClock
+from bench.core.errors import BenchError
 
 
 class Reward(ABC):

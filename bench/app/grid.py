@@ -42,7 +42,7 @@ gets a fresh submitit folder (<runs>/_grids/<name>/<id>/) and a manifest (<id>.j
 cell's folder and job id: job ids restart when a cluster's state is wiped, and a reused folder would
 hand back an old job's result. A failing cell is reported and the others go on.
 
-Preemption and time limits: a cell runs `bench.runner.run_one`, which resumes from the run
+Preemption and time limits: a cell runs `bench.app.runner.run_one`, which resumes from the run
 folder's checkpoint.pt (method parameters, optimizer, RNG, buffers, proxy models, counters). The
 job turns submitit's timeout/preemption signal (USR2, `signal_delay_s` before the limit) and
 Slurm's SIGTERM into a request to stop at the end of the current iteration with a checkpoint; on
@@ -70,9 +70,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
-from bench.config import RunConfig, config_from_dict, dump_json, load_yaml, resolve
-from bench.errors import BenchError
-from bench.registry import METHODS, TASKS
+from bench.app.config import RunConfig, config_from_dict, load_yaml, resolve
+from bench.core.io import dump_json
+from bench.core.errors import BenchError
+from bench.core.registry import METHODS, TASKS
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ class Cell:
     sweep: tuple[tuple[str, Any], ...] = ()
 
     def dir(self, root: Path) -> Path:
-        from bench.runner import run_dir
+        from bench.app.runner import run_dir
 
         return run_dir(root, self.cfg)
 
@@ -394,7 +395,7 @@ class CellJob:
     def __call__(self, cfg_dict: dict[str, Any], runs_root: str) -> dict[str, Any]:
         import torch
 
-        from bench.runner import run_one
+        from bench.app.runner import run_one
 
         cfg = config_from_dict(cfg_dict)
         threads = self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)

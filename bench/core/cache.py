@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from bench.core.io import atomic_torch_save
+
 log = logging.getLogger(__name__)
 
 
@@ -27,13 +29,6 @@ def cache_dir() -> Path:
 def config_hash(config: dict[str, Any]) -> str:
     blob = json.dumps(config, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def cached(kind: str, config: dict[str, Any], build: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ N processes inside one job. Every rank builds the same task, backbone and method
 
 The process group comes from accelerate (`PartialState`: gloo on CPU, NCCL on GPUs) and the usual
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). `launch` spawns the N
-processes of one run itself (bench.runner.run_one calls it when `train.processes > 1` and no
+processes of one run itself (bench.app.runner.run_one calls it when `train.processes > 1` and no
 process group exists); `torchrun --nproc_per_node N` or `accelerate launch` around a script that
 calls run_one work as well, the world size having to match `train.processes`.
 
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 
 def initialized() -> bool:

@@ -22,9 +22,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from bench.diffusion import noise_from_seeds, rollout
-from bench.registry import METRICS
-from bench.tasks.base import Backbone, SamplerConfig, Task
+from bench.core.diffusion import noise_from_seeds, rollout
+from bench.core.registry import METRICS
+from bench.core.task import Backbone, SamplerConfig, Task
 
 EVAL_SEED = 1_000_000  # per-sample eval seeds: EVAL_SEED + 100_000 · (crc32(prompt) mod 10⁴) + sample index
 

@@ -9,12 +9,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bench.config import config_from_dict
-from bench.plots import learning_curves, plot_curves, plot_metric_vs_reward
-from bench.provenance import snapshot
-from bench.registry import METRICS, TASKS
-from bench.runner import MetricLog, build_task, reference_rows
-from bench.table import _row_labels, groups, long_rows, make_table
+from bench.app.config import config_from_dict
+from bench.app.plots import learning_curves, plot_curves, plot_metric_vs_reward
+from bench.core.provenance import snapshot
+from bench.core.registry import METRICS, TASKS
+from bench.app.runner import MetricLog, build_task, reference_rows
+from bench.app.table import _row_labels, groups, long_rows, make_table
 
 CURVE_METRICS = ("reward", "gap", "path_kl", "mode_tv")
 

@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bench.clock import PhaseClock
-from bench.diffusion import SamplerGrid
-from bench.tasks.base import Backbone, SamplerConfig
-from rewards.base import CountingReward
+from bench.core.clock import PhaseClock
+from bench.core.diffusion import SamplerGrid
+from bench.core.task import Backbone, SamplerConfig
+from bench.core.reward import CountingReward
 
 
 @dataclass

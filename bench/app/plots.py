@@ -4,74 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
 
-
-def _save(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def plot_2d_samples(samples: dict[str, Tensor], targets: dict[str, Any], base: Any, path: Path, title: str, bound: float = 9.0, n_show: int = 1500) -> None:
-    """One panel per prompt: contours of log p* (or of the base) and the samples on top."""
-    prompts = list(samples)
-    n = len(prompts)
-    cols = min(n, 3)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
-    g = torch.linspace(-bound, bound, 241, dtype=torch.float64)
-    xx, yy = torch.meshgrid(g, g, indexing="ij")
-    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
-    for ax, p in zip(axes.flat, prompts):
-        tgt = targets.get(p)
-        dens = tgt.log_prob(pts) if tgt is not None else base.log_prob(pts)
-        z = dens.reshape(xx.shape).clamp(min=float(dens.max()) - 12).numpy()
-        ax.contourf(xx.numpy(), yy.numpy(), z, levels=14, cmap="Blues")
-        x = samples[p][:n_show].cpu()
-        ax.scatter(x[:, 0], x[:, 1], s=2, c="tab:red", alpha=0.5, linewidths=0)
-        ax.set_xlim(-bound, bound)
-        ax.set_ylim(-bound, bound)
-        ax.set_aspect("equal")
-        ax.set_title(p or "samples (red) on log p* (blue)", fontsize=9)
-        ax.set_xlabel("x")
-        ax.set_ylabel("y")
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    _save(fig, path)
-
-
-def plot_subspace_samples(x: Tensor, ref: Tensor, plane: Tensor, off_plane: Callable[[Tensor], Tensor], path: Path, title: str) -> None:
-    """Left: projection on the base's plane (samples vs exact p*); right: off-plane distances."""
-    u = plane.float()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4))
-    pr, px = ref.float() @ u, x.float() @ u
-    a1.scatter(pr[:, 0], pr[:, 1], s=2, c="tab:blue", alpha=0.3, label="p* (exact)")
-    a1.scatter(px[:, 0], px[:, 1], s=2, c="tab:red", alpha=0.5, label="samples")
-    a1.set_aspect("equal")
-    a1.set_xlabel("u₁")
-    a1.set_ylabel("u₂")
-    a1.legend(fontsize=8, markerscale=4)
-    a1.set_title("projection on the base plane", fontsize=9)
-    d_s, d_r = off_plane(x.double()).numpy(), off_plane(ref.double()).numpy()
-    hi = max(d_s.max(), d_r.max(), 1e-3)
-    a2.hist(d_r, bins=60, range=(0, hi), alpha=0.6, label="p* (exact)", color="tab:blue")
-    a2.hist(d_s, bins=60, range=(0, hi), alpha=0.6, label="samples", color="tab:red")
-    a2.set_xlabel("distance to plane")
-    a2.set_ylabel("count")
-    a2.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+from bench.core.io import save_figure  # noqa: E402
 
 
 def plot_curves(curves: dict[str, list[tuple[list[float], list[float]]]], metric_labels: dict[str, str], path: Path, title: str,
@@ -110,7 +50,7 @@ def plot_curves(curves: dict[str, list[tuple[list[float], list[float]]]], metric
         axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_metric_vs_reward(curves: dict[str, list[tuple[list[float], dict[str, list[float]]]]], metric_labels: dict[str, str], reward_label: str,
@@ -160,25 +100,16 @@ def plot_metric_vs_reward(curves: dict[str, list[tuple[list[float], dict[str, li
         axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ---- `bench plot`: paper figures from run folders (PNG and PDF) -----------------------------------------------
 
 
-def save_figure(fig: Any, stem: Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+def save_formats(fig: Any, stem: Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
     """Save `fig` as stem.<fmt> for each format (atomic writes) and close it."""
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    out = []
-    for fmt in formats:
-        path = stem.with_name(f"{stem.name}.{fmt}")
-        tmp = path.with_name(f".{path.name}.tmp.{fmt}")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=fmt)
-        tmp.replace(path)
-        out.append(path)
-    plt.close(fig)
-    return out
+    return save_figure(fig, *(stem.with_name(f"{stem.name}.{fmt}") for fmt in formats))
 
 
 def pareto_figure(points: dict[str, list[tuple[float, float, float, float, float]]], front: list[tuple[float, float]] | None,
@@ -250,7 +181,7 @@ def exact_front(task: Any, reward: str, x_metric: str, y_metric: str, alphas: Se
     when the task has no exact target or a metric has no closed form)."""
     import math
 
-    from bench.evaluation import EvalContext, all_eval_prompts, closed_form_row
+    from bench.core.evaluation import EvalContext, all_eval_prompts, closed_form_row
 
     if task.target(reward, float(alphas[0]), all_eval_prompts(task)[0]) is None:
         return None
@@ -266,9 +197,9 @@ def exact_front(task: Any, reward: str, x_metric: str, y_metric: str, alphas: Se
 
 def learning_curves(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, list[tuple[list[float], list[float]]]]:
     """"metric|row label" -> per run (iterations, values) of each evaluation logged in metrics.jsonl,
-    one entry per table row (bench.table's labels), as `plot_curves` takes them."""
-    from bench.runner import MetricLog
-    from bench.table import _row_labels
+    one entry per table row (bench.app.table's labels), as `plot_curves` takes them."""
+    from bench.app.runner import MetricLog
+    from bench.app.table import _row_labels
 
     out: dict[str, list[tuple[list[float], list[float]]]] = {}
     for label, rs in _row_labels(runs).items():
@@ -283,7 +214,7 @@ def learning_curves(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[
 def make_figures(results: list[dict[str, Any]], out_dir: Path, kinds: Sequence[str] = ("training", "pareto", "curves", "samples"),
                  formats: Sequence[str] = ("png", "pdf"), runs_root: Path | None = None, x_metric: str = "path_kl",
                  y_metric: str = "reward", reference: bool = True) -> dict[str, list[Path]]:
-    """The paper-style figures of finished runs (final.json dicts with "_dir", as bench.table.load_results gives).
+    """The paper-style figures of finished runs (final.json dicts with "_dir", as bench.app.table.load_results gives).
 
     `reference` adds the sampled reference rows (p* draw, base model; cached under runs/_reference)
     as points and target lines.
@@ -301,14 +232,14 @@ def make_figures(results: list[dict[str, Any]], out_dir: Path, kinds: Sequence[s
     import math
     import statistics
 
-    from bench.config import config_from_dict
-    from bench.registry import METRICS, TASKS
-    from bench.runner import MetricLog, build_task, reference_rows
-    from bench.table import _row_labels, groups
+    from bench.app.config import config_from_dict
+    from bench.core.registry import METRICS, TASKS
+    from bench.app.runner import MetricLog, build_task, reference_rows
+    from bench.app.table import _row_labels, groups
 
     unknown = sorted(set(kinds) - {"training", "pareto", "curves", "samples", "queries"})
     if unknown:
-        from bench.errors import BenchError
+        from bench.core.errors import BenchError
 
         raise BenchError(f"unknown figure kinds {unknown}; known: training, pareto, curves, samples, queries")
     out_dir = Path(out_dir)
@@ -387,7 +318,7 @@ def make_figures(results: list[dict[str, Any]], out_dir: Path, kinds: Sequence[s
                         images.setdefault(lab, []).append((f"seed {r['seed']}", p))
             if images:
                 fig = sample_grid_figure(images, f"{task} · {reward} · α={alpha:g}: final samples")
-                written["samples"] += save_figure(fig, out_dir / f"{tag}_samples", formats)
+                written["samples"] += save_formats(fig, out_dir / f"{tag}_samples", formats)
     if "pareto" in kinds:
         by_tr: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for (task, reward, _), runs in by_group.items():
@@ -406,5 +337,5 @@ def make_figures(results: list[dict[str, Any]], out_dir: Path, kinds: Sequence[s
             grid_a = [lo * (hi / lo) ** (i / 39) for i in range(40)]
             front = exact_front(build_task(task, cfg0.task_cfg), reward, x_metric, y_metric, grid_a)  # closed form: cheap
             fig = pareto_figure(pts, front, label(x_metric), label(y_metric), f"{task} · {reward}: α sweep")
-            written["pareto"] += save_figure(fig, out_dir / f"{slug(task, reward)}_pareto", formats)
+            written["pareto"] += save_formats(fig, out_dir / f"{slug(task, reward)}_pareto", formats)
     return written
