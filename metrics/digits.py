@@ -1,4 +1,4 @@
-"""Held-out metrics of the `digits` task (reference/toy.md §5.1). None of them is used in training.
+"""Held-out metrics of the `digits` task (design: docs/tasks/digits.md). None of them is used in training.
 
 Every model here — the judges — is fitted on the task's *held-out* split (597 real digits), which
 neither the base model nor the target rewards ever saw. The metrics are functions
@@ -31,7 +31,7 @@ NOTATION:
     h (Vendi)    -> `HeldOutJudges.bandwidth`, median distance between same-class held-out digits
     ρ_real       -> `HeldOutJudges.nn_real`, mean NN distance of train digits to the held-out set
 
-DELIBERATE DEVIATIONS from toy.md §5.1:
+DELIBERATE DEVIATIONS from the design (docs/tasks/digits.md):
 1. Style recall counts a cluster as hit at ≥ half its real frequency (as `mode_recall` of the
    mixture tasks) instead of ≥ 1 % of samples, which nearly any sample set passes.
 2. Vendi and pairwise distances use the first 512 samples of a prompt (fixed evaluation seeds),

@@ -1,10 +1,10 @@
-"""Metrics against the exact target of the mixture tasks (reference/toy.md §2.4, §4.4).
+"""Metrics against the exact target of the mixture tasks (docs/tasks/mixtures.md §3, §6).
 
 Each metric is a function (samples of one prompt, EvalContext) -> float, registered with its
 better direction ("max", "min", or "target": closest to the exact value is best), a short label
 for tables and, where the exact target defines one, its closed-form value.
 
-Path-space accounting (toy.md §2.4): for Gaussian kernels with a shared σ_t and x_T ~ N(0, I),
+Path-space accounting (docs/tasks/mixtures.md §3): for Gaussian kernels with a shared σ_t and x_T ~ N(0, I),
     KL(P_θ ‖ P_pre) = E_{P_θ} Σ_t ‖μ_θ − μ_ref‖² / (2σ_t²)           (nats, summed over dims)
     J(θ) = E_θ[r(x_0)] − α KL(P_θ ‖ P_pre)
     gap  = α log Z − J(θ) = α KL(P_θ ‖ P*) ≥ 0

@@ -1,8 +1,8 @@
 """Image metrics: within-prompt diversity (LPIPS, DreamSim) and held-out reward scores.
 
-Diversity (reference/sqdf.md §12.3, the protocol of DAS's evaluation): for the n samples of one
-prompt, the mean perceptual distance over all n(n−1)/2 unordered pairs; compute_metrics then
-averages over prompts. Higher is more diverse.
+Diversity (the protocol of DAS's evaluation, Kim et al. 2025, arXiv:2501.05803; docs/rewards.md §3):
+for the n samples of one prompt, the mean perceptual distance over all n(n−1)/2 unordered pairs;
+compute_metrics then averages over prompts. Higher is more diverse.
 * `lpips_diversity`: LPIPS v0.1 with the AlexNet trunk and the linear heads shipped in the lpips
   package (Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features as a Perceptual
   Metric", arXiv:1801.03924, github.com/richzhang/PerceptualSimilarity), images in [0, 1] with
@@ -34,8 +34,8 @@ DELIBERATE DEVIATIONS
 1. LPIPS features of each sample are computed once and reused for all its pairs (LPIPS.forward
    recomputes both images per pair); the distances are the same (tested).
 2. DreamSim embeddings likewise: one embed per sample, then 1 − cos per pair (= model(a, b)).
-3. SQDF's exact diversity settings are unknown (sqdf.md §12.3: backbone, n, image size); these
-   follow its recommendation (LPIPS-Alex, normalize=True, 224², DreamSim ensemble, all
+3. SQDF's exact diversity settings are unpublished (backbone, n, image size; docs/tasks/sd.md §7); these
+   follow the usual protocol (LPIPS-Alex, normalize=True, 224², DreamSim ensemble, all
    within-prompt pairs).
 """
 
@@ -211,7 +211,7 @@ def load_dreamsim(device: str | torch.device = "cpu", cache_dir: str | None = No
 
 def tiny_dreamsim(seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
     """DreamSim's real single-backbone code path ("open_clip_vitb32": ViT-B/32 + LoRA on qkv) on
-    synthesized local files (reference/deps.md Appendix D), with seeded random weights.
+    synthesized local files (docs/rewards.md §4), with seeded random weights.
 
     The synthesized checkpoint holds stride-0 tensors (a few KB on disk); after dreamsim loads it,
     every backbone weight is re-drawn from `seed` (linear/conv/embedding weights ~

@@ -4,7 +4,7 @@ Citation: C. Schuhmann, "LAION-Aesthetics Predictor V2" (LAION blog, 2022),
 github.com/christophschuhmann/improved-aesthetic-predictor (`simple_inference.py`; head
 `sac+logos+ava1-l14-linearMSE.pth`, trained on SAC + LAION-Logos + AVA ratings with an MSE loss).
 The reward of DDPO (Black et al. 2023, arXiv:2305.13301), AlignProp, DRaFT and SQDF
-(reference/sqdf.md §11.1), where it scores roughly 1–10.
+(Kang et al. 2025, arXiv:2512.04559; docs/rewards.md §1), where it scores roughly 1–10.
 
 Objective: r(x) = MLP(e / ‖e‖), e = CLIP ViT-L/14 projected image embedding of x; the prompt is
 ignored.
@@ -104,7 +104,7 @@ class AestheticReward(ImageModelReward):
 
     def embed(self, x: Tensor) -> Tensor:
         """e/‖e‖ [N, 768] (float32): the normalized CLIP ViT-L/14 image embedding the head reads,
-        differentiable in x (also the feature space of the online-BBO proxies, sqdf.md §13.1)."""
+        differentiable in x (also the feature space of the online-BBO proxies, docs/tasks/sd.md §6)."""
         emb = self.projection(self.vision(pixel_values=self.prepare(x)).pooler_output)
         return unit(emb.float())
 

@@ -4,7 +4,7 @@ Citation: Hessel et al. 2021, "CLIPScore: A Reference-free Evaluation Metric for
 arXiv:2104.08718 (github.com/jmhessel/clipscore). The text-to-image literature uses the
 torchmetrics variant (Lightning-AI/torchmetrics `functional/multimodal/clip_score.py`): OpenAI CLIP
 ViT-L/14 (`openai/clip-vit-large-patch14`) and a scale of 100. DAS/SQDF's `clip_score` hooks load
-the same checkpoint (reference/sqdf.md §11.4).
+the same checkpoint (docs/rewards.md §1).
 
 Objective: r(x, c) = w · cos(E_I(x), E_T(c)), w = 100, with E_I, E_T the projected CLIP image and
 text embeddings.

@@ -1,4 +1,4 @@
-"""Target rewards of the `digits` task (reference/toy.md §5.1): learned, differentiable, hackable.
+"""Target rewards of the `digits` task (design: docs/tasks/digits.md): learned, differentiable, hackable.
 
 Both rewards are small MLPs fitted on the task's *train* split only; the held-out judges that score
 the runs (metrics/digits.py) are fitted on the disjoint held-out split and never see a gradient.
@@ -21,14 +21,15 @@ the runs (metrics/digits.py) are fitted on the disjoint held-out split and never
 Images are what `DigitsBackbone.decode` returns: [N, 1, 8, 8] in [0, 1] (ink = 1). [N, 3, 8, 8] is
 accepted too (averaged to gray), so RGB-producing code paths can score digits unchanged.
 
-NOTATION (toy.md §5.1 -> code):
+NOTATION (docs/tasks/digits.md -> code):
     φ (classifier)         -> `DigitClassifierReward.net`, logits [N, 10]
     ψ (attribute regressor)-> `StrokeMassReward.net`, output [N, 1]
     m(x) (stroke mass)     -> `stroke_mass(images)`, mean of the gray pixels, in [0, 1]
     μ_train, σ_train       -> `StrokeMassReward.mean`, `.std` (train-split real digits)
     c / k (prompt class)   -> `prompt_class("digit k") = k`
 
-DELIBERATE DEVIATIONS (there is no official code; these are choices against toy.md's sketch):
+DELIBERATE DEVIATIONS (there is no official code; these are choices against the design,
+docs/tasks/digits.md):
 1. The aesthetic reward is in standard units of the train split's stroke mass, not raw mean ink,
    so that one α (in nats) tilts both rewards comparably (a raw-ink reward spans ~0.2 on real
    digits and would need α ≈ 0.02 for the same tilt).

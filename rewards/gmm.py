@@ -1,4 +1,4 @@
-"""Rewards of the Gaussian-mixture tasks (reference/toy.md §2, §4.1). All are differentiable in x.
+"""Rewards of the Gaussian-mixture tasks (docs/tasks/mixtures.md §1, §5). All are differentiable in x.
 
 * `quadratic`: r(x) = −½(x−m)ᵀA(x−m) + bᵀx; its tilt of a mixture is a mixture (exact target).
 * `linear`: r(x) = bᵀx (A = 0); unbounded, so an unregularized optimizer diverges.

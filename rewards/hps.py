@@ -3,7 +3,7 @@
 Citation: Wu et al. 2023, "Human Preference Score v2: A Solid Benchmark for Evaluating Human
 Preferences of Text-to-Image Synthesis", arXiv:2306.09341 (github.com/tgxs002/HPSv2,
 `hpsv2/img_score.py`). Checkpoints on the hub repo `xswu/HPSv2`: `HPS_v2_compressed.pt` (v2.0, the
-reward SQDF trains on, reference/sqdf.md §11.2) and `HPS_v2.1_compressed.pt` (v2.1). They are two
+reward SQDF trains on, docs/rewards.md §1) and `HPS_v2.1_compressed.pt` (v2.1). They are two
 rewards with two names, `hps-v2.0` (alias `hps`) and `hps-v2.1`, never mixed in one table.
 
 Objective: r(x, c) = cos(E_I(x), E_T(c)): the diagonal of image_features @ text_featuresᵀ with
@@ -15,7 +15,7 @@ NOTATION
 
 The model is built as the authors' loader does, minus the wasted download: open_clip's ViT-H-14
 architecture with pretrained=None, then `load_state_dict(checkpoint["state_dict"])`; the `hpsv2`
-package is not used (reference/deps.md §1.4: its vendored open_clip and open_clip 3.x have the same
+package is not used (docs/rewards.md §1: its vendored open_clip and open_clip 3.x have the same
 686 keys and shapes, and the same tokenizer ids).
 
 Preprocessing (hpsv2's `preprocess_val`): ToTensor, then torchvision Resize(224, bicubic) of the

@@ -4,7 +4,8 @@ Citation: Xu et al. 2023, "ImageReward: Learning and Evaluating Human Preference
 Generation", arXiv:2304.05977 (github.com/THUDM/ImageReward, `ImageReward/ImageReward.py`,
 `ImageReward/utils.py`). Checkpoint `THUDM/ImageReward`: `ImageReward.pt` (a flat state dict) and
 `med_config.json` (the BERT text tower); tokenizer: bert-base-uncased plus BLIP's [DEC]/[ENC]
-tokens. SQDF reports it as a held-out alignment metric (reference/sqdf.md §11.3, §12.2).
+tokens. SQDF reports it as a held-out alignment metric (Kang et al. 2025, arXiv:2512.04559;
+docs/rewards.md §1).
 
 Objective: r(x, c) = (MLP(h_[CLS](c | V(x))) − μ) / σ with the official μ = 0.16717362830052426,
 σ = 1.0333394966054072: V is BLIP's ViT-L/16 (all 197 tokens after the final LayerNorm), h the

@@ -26,7 +26,7 @@ transformers' CLIPImageProcessor (CLIP score, PickScore) used (H − S) // 2; bo
 Square inputs (SD's 512×512 samples) need no crop, so the rule only matters for other shapes.
 
 The SQDF text-to-image code applies (x/2 + 0.5) to images that are already in [0, 1]
-(reference/sqdf.md §12.1); `double_normalize=True` reproduces that before everything else.
+(docs/tasks/sd.md §5); `double_normalize=True` reproduces that before everything else.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class ImagePreprocess:
     antialias: bool = True
     "tensor resize only (pil=False): antialiased bicubic; False reproduces torchvision < 0.17"
     double_normalize: bool = False
-    "apply x/2 + 0.5 first, the SQDF text-to-image code's quirk (sqdf.md §12.1); False is correct"
+    "apply x/2 + 0.5 first, the SQDF text-to-image code's quirk (docs/tasks/sd.md §5); False is correct"
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -188,7 +188,7 @@ class ImageModelReward(Reward):
 
     @property
     def double_normalize(self) -> bool:
-        """Whether inputs get the SQDF code's extra x/2 + 0.5 (sqdf.md §12.1)."""
+        """Whether inputs get the SQDF code's extra x/2 + 0.5 (docs/tasks/sd.md §5)."""
         return self.preprocess.double_normalize
 
     @double_normalize.setter

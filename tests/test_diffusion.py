@@ -58,7 +58,7 @@ def test_ddim_step_matches_diffusers(kind: str, b0: float, b1: float, eta: float
 
 
 def test_sd15_timesteps_and_sigmas() -> None:
-    """SD1.5 with 50 steps: timesteps 981..1, σ_k as tabulated in reference/sqdf.md §1."""
+    """SD1.5 with 50 steps: timesteps 981..1, σ_k as tabulated in docs/tasks/sd.md §1."""
     s = NoiseSchedule.make("scaled_linear", 0.00085, 0.012, 1000, set_alpha_to_one=False, steps_offset=1)
     grid = s.grid(50)
     assert grid.timesteps[0] == 981 and grid.timesteps[-1] == 1

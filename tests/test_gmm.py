@@ -53,8 +53,8 @@ def test_closed_form_matches_grid_quadrature(seed: int, alpha: float) -> None:
     assert exact.kl >= 0
 
 
-def test_ring8_targets_match_the_reference_notes() -> None:
-    """reference/toy.md §2.1 table (clean base)."""
+def test_ring8_targets_match_the_tabulated_values() -> None:
+    """The closed-form values tabulated in docs/tasks/mixtures.md §7 (clean base)."""
     base = ring(8, 4.0, 0.3)
     r = QuadraticForm(torch.diag(torch.tensor([2.0, 0.2])), torch.tensor([0.0, 1.0]), torch.zeros(2))
     for alpha, log_z, e_r, kl, top in [(1.0, -2.968, -1.340, 1.628, 0.799), (0.3, -5.207, -0.764, 2.662, 0.987), (3.0, -1.750, -2.904, 0.782, 0.484)]:
@@ -117,7 +117,7 @@ def test_optimal_denoiser_gap_is_the_discretization_floor(ring8: object) -> None
     assert gaps[0] > gaps[1] > gaps[2] > -0.1
     assert gaps[2] < 0.12
     base_gap = compute_metrics(sample_model(bb, [""], 1024, SamplerConfig(steps=50)), ctx, ["gap"])["gap"]
-    assert base_gap > 5.0  # toy.md §4.6: 6.13 for the base
+    assert base_gap > 5.0  # docs/tasks/mixtures.md §7: about 6.1 for the base
 
 
 def test_gap_is_nonnegative_against_the_chains_own_partition_function(ring8: object) -> None:
@@ -174,13 +174,13 @@ def test_grid25_mode_metrics_count_every_base_mode_at_every_alpha() -> None:
 def test_sub64_target_stays_on_the_plane() -> None:
     task = build_task("gmm-sub64", TASKS.get("gmm-sub64").Config())
     t = task.target("linear", 1.0, "")
-    assert t.expected_reward == pytest.approx(1.477, abs=2e-3) and t.kl == pytest.approx(0.615, abs=2e-3)  # toy.md §4.1
+    assert t.expected_reward == pytest.approx(1.477, abs=2e-3) and t.kl == pytest.approx(0.615, abs=2e-3)  # docs/tasks/mixtures.md §7
     shift = task.off_plane(t.mixture.means).max()
     assert float(shift) < 1e-3  # 5e-5 in theory: the off-plane variance is 1e-4
 
 
 def test_sampler_floor_of_the_base_is_small(ring8: object) -> None:
-    """The analytic base through the 50-step sampler reproduces p_pre's mode weights (toy.md §2.2)."""
+    """The analytic base through the 50-step sampler reproduces p_pre's mode weights (docs/tasks/mixtures.md §2)."""
     bb = ring8.build_backbone()
     s = sample_model(bb, [""], 8000, SamplerConfig(steps=50), with_kl=False)[""]
     frac = torch.bincount(ring8.terminal.assign(s.x), minlength=8).double() / 8000

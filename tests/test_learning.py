@@ -32,7 +32,7 @@ def test_sqdf_learns_the_toy(tmp_path: Path, base_gap: float) -> None:
 
 
 def test_unregularized_draft_hacks_the_reward(tmp_path: Path) -> None:
-    """DRaFT-1 ignores α: it exceeds E*[r] by leaving the base's support (toy.md §4.6)."""
+    """DRaFT-1 ignores α: it exceeds E*[r] by leaving the base's support (docs/tasks/mixtures.md §7)."""
     cfg = resolve("gmm-ring8", "draft", 0, layers=[parse_sets(FAST_EVAL + ["train.iterations=150"])])
     m = run_one(cfg, tmp_path, progress=False)["metrics"]
     assert m["reward"] > -1.340 and m["off_manifold"] > 0.5 and m["path_kl"] > 10 * 1.628, m

@@ -218,7 +218,8 @@ def _ring_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def test_ucb_bonus_shrinks_where_data_is_dense() -> None:
     """Linear UCB's Gram form: small bonus on the data, large away from it, shrinking as 1/√n.
     SEIKO's centered covariance (the faithful default) is invariant to the amount of data and,
-    measuring uncentered features, is not guaranteed to be smaller on the data (baselines.md §6.5)."""
+    measuring uncentered features, is not guaranteed to be smaller on the data (SEIKO's code,
+    zhaoyl18/SEIKO @947f9ade, computes it with torch.cov)."""
     p = _proxy("ucb", ucb_alpha=1.0, ucb_clip=1e6, ucb_cov="gram")
     x, y = _ring_data(256)
     p.fit(x, y, torch.Generator().manual_seed(1))

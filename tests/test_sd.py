@@ -3,7 +3,7 @@
 * the Backbone contract: ε_θ ≡ ε_ref bit-for-bit at init (and ≡ the UNet without LoRA), KL 0,
   CFG with the empty prompt, decode in [0, 1], gradients reach the LoRA and nothing else,
   checkpointed recomputation replays the adapter state, micro-batching does not change results;
-* SQDF's LCM consistency model: timestep mapping (sqdf.md §3.1), boundary scalings (diffusers);
+* SQDF's LCM consistency model: timestep mapping (docs/tasks/sd.md §4), boundary scalings (diffusers);
 * the real sd15 loading path on a local folder (tiny weights saved in the diffusers layout), and the
   one-line MissingWeightsError (exit code 2) when the weights are absent;
 * every registered method runs one train_step on sd15-tiny;
@@ -206,7 +206,7 @@ def test_lcm_timestep_mapping_and_scalings() -> None:
 
     from bench.tasks.sd_utils import lcm_boundary_scalings, lcm_timestep, lcm_timesteps, sd15_schedule
 
-    assert lcm_timestep(torch.tensor([961, 21, 1])).tolist() == [959, 19, 19]  # sqdf.md §3.1
+    assert lcm_timestep(torch.tensor([961, 21, 1])).tolist() == [959, 19, 19]  # docs/tasks/sd.md §4
     ddim = sd15_schedule().grid(50).timesteps  # 981, 961, ..., 1
     mapped = lcm_timestep(ddim)
     assert mapped[:-1].tolist() == (ddim[:-1] - 2).tolist() and int(mapped[-1]) == 19

@@ -1,8 +1,8 @@
 """Gaussian mixtures and the exact KL-regularized targets of the embedded tasks.
 
 For a base p_pre = Σ_k π_k N(μ_k, Σ_k) and a reward r(x) = −½(x−m)ᵀA(x−m) + bᵀx + c, the tilted
-target p*(x) ∝ p_pre(x) e^{r(x)/α} is again a mixture (reference/toy.md §2.1), with B = A/α,
-c = b/α:
+target p*(x) ∝ p_pre(x) e^{r(x)/α} is again a mixture (derivation: docs/tasks/mixtures.md §1),
+with B = A/α, c = b/α:
 
     Σ'_k = (Σ_k⁻¹ + B)⁻¹,  μ'_k = Σ'_k (Σ_k⁻¹ μ_k + B m + c)
     log Z_k = −½ μ_kᵀΣ_k⁻¹μ_k − ½ mᵀBm + ½ μ'_kᵀΣ'_k⁻¹μ'_k + ½ log|Σ'_k| − ½ log|Σ_k| + c₀/α
@@ -252,7 +252,8 @@ class TiltedMixture:
         return self.mixture.log_prob(x)
 
     def oracle_eps(self, x: Tensor, alpha_bar: Tensor | float) -> Tensor:
-        """ε* of the optimal fine-tuned denoiser: the exact ε of the noised target (toy.md §2.2)."""
+        """ε* of the optimal fine-tuned denoiser: the exact ε of the noised target
+        (docs/tasks/mixtures.md §2)."""
         return self.mixture.eps(x, alpha_bar, self.level)
 
 

@@ -113,7 +113,7 @@ class SamplerConfig:
     steps: int = 50
     "number of DDIM sampling steps T"
     eta: float = 1.0
-    "DDIM stochasticity η (1 = DDPM-like; the KL-regularized target needs η = 1, toy.md §3)"
+    "DDIM stochasticity η (1 = DDPM-like; the KL-regularized target needs η = 1, docs/tasks/mixtures.md §4)"
     guidance: float = 1.0
     "classifier-free guidance scale w (1 = conditional only)"
 

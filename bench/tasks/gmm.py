@@ -1,4 +1,4 @@
-"""Gaussian-mixture tasks with exact ground truth (reference/toy.md §2, §4).
+"""Gaussian-mixture tasks with exact ground truth (closed forms and design: docs/tasks/mixtures.md).
 
 Each task is a mixture base p_pre, a reward and prompts. The backbone is, by default, the exact
 mixture denoiser plus a zero-initialized residual MLP (mode A: the fine-tuned model can represent
@@ -6,7 +6,7 @@ the exact target, so every gap is the method's); `task.base=learned` swaps in an
 pretrained on base samples and fine-tuned end to end (mode B, closer to Stable Diffusion; its
 base error is reported as a floor).
 
-Sampling follows the toy.md convention: DDIM η = 1, 1000-step linear β (1e-4 … 0.02), T = 50,
+Sampling (docs/tasks/mixtures.md §4): DDIM η = 1, 1000-step linear β (1e-4 … 0.02), T = 50,
 "leading" timesteps 981 … 1 with ᾱ_final = ᾱ_0 (as SD1.5, so every step, the last included, has
 σ > 0 and the per-step KL is defined). Rewards are evaluated on the chain's final sample, which
 lives at noise level ᾱ_0 (std 0.01); the exact targets are therefore computed for the base at that
@@ -263,7 +263,7 @@ class GMMTask(Task):
 
     @cached_property
     def off_manifold_threshold(self) -> float:
-        """The 0.1 % quantile of log p_pre under exact base samples (toy.md §4.4)."""
+        """The 0.1 % quantile of log p_pre under exact base samples (docs/tasks/mixtures.md §6)."""
         x, _ = self.terminal.sample(200_000, torch.Generator().manual_seed(12345))
         return float(torch.quantile(self.terminal.log_prob(x).float(), 0.001))
 

@@ -20,7 +20,7 @@ class TimeMLP(nn.Module):
     """ε-network for vectors: [x, time features, condition] -> hidden (SiLU) × layers -> d.
 
     With `zero_out`, the last layer starts at exactly zero, so the network outputs exactly 0 at
-    initialization (the residual of toy.md's mode A; RTB/DEFT zero-init).
+    initialization (the residual of the mixture tasks' mode A, docs/tasks/mixtures.md §5; RTB/DEFT zero-init).
     """
 
     def __init__(self, dim: int, cond_dim: int = 0, hidden: int = 128, layers: int = 2, time_dim: int = 16, zero_out: bool = False) -> None:

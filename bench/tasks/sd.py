@@ -5,11 +5,11 @@ arXiv:2112.10752; weights `stable-diffusion-v1-5/stable-diffusion-v1-5` (the mai
 runwayml's repository). Trainable part: LoRA (Hu et al., arXiv:2106.09685) on the attention
 projections, PEFT `LoraConfig(r, lora_alpha=r, init_lora_weights="gaussian")` as TRL, AlignProp and
 SQDF (Shin-woocheol/SQDF @68861b2, `T2I/sd_pipeline.py`) do. SQDF's consistency model f_ψ is
-LCM-LoRA (Luo et al., arXiv:2311.05556) fused into a separate frozen UNet (reference/sqdf.md §3.1).
+LCM-LoRA (Luo et al., arXiv:2311.05556) fused into a separate frozen UNet (docs/tasks/sd.md §4).
 
 Objective of every run: maximize E_{c, x ~ p_θ(·|c)}[r(decode(x_0), c)] − α·KL(P_θ ‖ P_pre) over the
 LoRA weights, with 512² images (4×64×64 latents), 50 DDIM steps, η = 1, CFG w = 5 with the empty
-prompt as the unconditional branch (sqdf.md §1, §8.1).
+prompt as the unconditional branch (the SQDF code's aesthetic runs; docs/tasks/sd.md §1).
 
 Tasks:
 * sd15       the real model (weights from the HF cache, a local folder, or $BENCH_SD15_PATH;
@@ -17,7 +17,7 @@ Tasks:
              hps-v2.0, hps-v2.1, imagereward, clip-score, pickscore and the noisy black-box
              oracle aesthetic-oracle; trained on the 45 DDPO animals, held-out on 6 unseen ones.
 * sd15-tiny  the same code path on a 0.8 M-parameter UNet, tiny VAE and text tower built from
-             configs with a fixed seed (reference/deps.md Appendix B), the offline CLIP tokenizer,
+             configs with a fixed seed (docs/tasks/sd.md §8), the offline CLIP tokenizer,
              the rewards' tiny() models, 10 steps, 4×8×8 latents (16² images): the CPU smoke test
              of every method.
 
@@ -28,7 +28,7 @@ Notation (paper -> code):
     D(x_0)               -> decode: VAE(x_0 / 0.18215) mapped from [−1, 1] to [0, 1]
     f_ψ(x_t) (LCM)       -> consistency_x0: c_out(τ′)·x̂0_LCM(x, τ′) + c_skip(τ′)·x, τ′ = nearest LCM step
     φ(x) (BBO features)  -> task.proxy_features: CLIP ViT-L/14 image embedding [N, 768]
-    y = r(x) + ε, ε~N(0, 0.1²) -> the aesthetic-oracle reward (SEIKO/SQDF online BBO, sqdf.md §13.1)
+    y = r(x) + ε, ε~N(0, 0.1²) -> the aesthetic-oracle reward (SEIKO/SQDF online BBO, docs/tasks/sd.md §6)
 
 Deliberate deviations from the official code:
 1. The reference ε_ref is the policy UNet with its adapters switched off, not a second frozen copy
@@ -49,7 +49,7 @@ Deliberate deviations from the official code:
    task.oracle_seed), so it is deterministic, batch-independent and survives resumption; SEIKO
    draws it from the global RNG.
 7. The T2I code's double normalization of reward inputs (x/2 + 0.5 applied to [0, 1] images,
-   sqdf.md §12.1) is off by default; task.double_normalize=true reproduces it for the training
+   docs/tasks/sd.md §5) is off by default; task.double_normalize=true reproduces it for the training
    reward. Held-out metrics always see correctly normalized images.
 8. Evaluation uses at most task.eval_prompts prompts per prompt set (a fixed seeded subsample).
 
@@ -260,7 +260,7 @@ class SDBackbone(Backbone):
 
     def consistency_x0(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """x̂0 = c_out(τ′)·(x − √(1−ᾱ_τ′) ε_LCM)/√ᾱ_τ′ + c_skip(τ′)·x, τ′ the nearest LCM timestep
-        to t (sqdf.md §3.1); conditional branch only (the LCM runs at CFG weight 1). Differentiable
+        to t (docs/tasks/sd.md §4); conditional branch only (the LCM runs at CFG weight 1). Differentiable
         in x through the frozen LCM UNet.
 
         Args:
@@ -383,7 +383,7 @@ class SDTaskConfig:
     vae_checkpointing: bool = True
     "gradient checkpointing of the VAE decoder blocks"
     double_normalize: bool = False
-    "reproduce the SQDF/AlignProp T2I quirk: the training reward sees x/2 + 0.5 of the [0, 1] image (sqdf.md §12.1)"
+    "reproduce the SQDF/AlignProp T2I quirk: the training reward sees x/2 + 0.5 of the [0, 1] image (docs/tasks/sd.md §5)"
     oracle_noise: float = 0.1
     "label-noise std of the aesthetic-oracle reward (SEIKO/SQDF: 0.1)"
     oracle_seed: int = 0
@@ -456,7 +456,7 @@ class SDTask(Task):
     table_metrics = ("reward", "path_kl", "aesthetic_score", "hps_v2.0_score", "imagereward_score", "lpips_diversity", "dreamsim_diversity")
     sampler_defaults = SamplerConfig(steps=50, eta=1.0, guidance=5.0)
     default_alpha = alpha_nats_from_sqdf(2.0, 4 * 64 * 64)
-    "α = 2 on the SQDF code's KL scale (sqdf.md §8.1), in nats: 2·2/16384"
+    "α = 2 on the SQDF code's KL scale (its aesthetic runs; docs/tasks/sd.md §2), in nats: 2·2/16384"
     default_alphas = tuple(alpha_nats_from_sqdf(a, 4 * 64 * 64) for a in (0.5, 1.0, 2.0, 4.0))
 
     def __init__(self, cfg: SDTaskConfig, device: str = "cpu") -> None:
@@ -565,7 +565,7 @@ class SDTask(Task):
     def proxy_features(self, images: Tensor) -> Tensor:
         """φ(x): the L2-normalized CLIP ViT-L/14 image embedding the aesthetic head reads [N, 768]
         (float32, on the images' device), differentiable in the images [N, 3, H, W] in [0, 1]:
-        what the online-BBO proxy models are fitted on (sqdf.md §13.1)."""
+        what the online-BBO proxy models are fitted on (docs/tasks/sd.md §6)."""
         return self.reward_model("aesthetic").embed(images).to(images.device, torch.float32)
 
     # ---- output --------------------------------------------------------------------------------

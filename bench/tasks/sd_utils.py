@@ -2,10 +2,10 @@
 
 What lives here (and not in `bench/tasks/sd.py`, which reads top to bottom as the task):
 * the SD1.5 noise schedule (scaled-linear β 0.00085 … 0.012, "leading" spacing, steps_offset 1,
-  set_alpha_to_one False: the DDIM settings of every SD1.5 alignment code, reference/sqdf.md §1);
+  set_alpha_to_one False: the DDIM settings of every SD1.5 alignment code, docs/tasks/sd.md §1);
 * component configs: the real SD1.5 architecture (UNet 860 M, VAE, CLIP ViT-L/14 text tower) for
-  random-init benchmarks, and the tiny test architecture of reference/deps.md Appendix B;
-* the CLIP BPE tokenizer built offline from open_clip's bundled vocabulary (deps.md Appendix A),
+  random-init benchmarks, and the tiny test architecture (docs/tasks/sd.md §8);
+* the CLIP BPE tokenizer built offline from open_clip's bundled vocabulary (docs/tasks/sd.md §8),
   cached on disk: SD1.x's tokenizer is exactly this vocabulary, padded with <|endoftext|>;
 * weight resolution (a local folder, $ENV, or the Hugging Face cache; never a download when
   HF_HUB_OFFLINE=1), raising `MissingWeightsError` with one line naming the missing file;
@@ -41,7 +41,7 @@ SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LCM_LORA_REPO = "latent-consistency/lcm-lora-sdv1-5"
 "LCM-LoRA for SD1.5 (Luo et al. 2023, arXiv:2311.05556), SQDF's consistency model f_ψ"
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-"attention projections of every self- and cross-attention block (TRL/AlignProp/SQDF, baselines.md §0.2)"
+"attention projections of every self- and cross-attention block (TRL/AlignProp/SQDF; docs/tasks/sd.md §3)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def sd15_text_config() -> dict[str, Any]:
 
 
 def tiny_unet_config() -> dict[str, Any]:
-    """A 0.8 M-parameter UNet of the same family (deps.md Appendix B, at 4×8×8 latents instead of
+    """A 0.8 M-parameter UNet of the same family (docs/tasks/sd.md §8, at 4×8×8 latents instead of
     4×16×16: a quarter of the CPU time, the same code path)."""
     return dict(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=32,
@@ -167,7 +167,7 @@ def random_components(size: str, seed: int = 0, dtype: torch.dtype = torch.float
     """Random-init components built from configs, deterministically from `seed` (no download).
 
     Args:
-        size: "tiny" (deps.md Appendix B) or "sd15" (the real SD1.5 architecture).
+        size: "tiny" (docs/tasks/sd.md §8) or "sd15" (the real SD1.5 architecture).
         seed: initializes every weight (the global RNG is forked, not touched).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -236,7 +236,7 @@ def load_components(root: Path, dtype: torch.dtype, device: torch.device, varian
 
 def add_lora(unet: "nn.Module", rank: int, targets: tuple[str, ...], seed: int) -> list[torch.nn.Parameter]:
     """Attach a trainable PEFT LoRA (A Gaussian, B = 0, scale lora_alpha/r = 1) and return its
-    parameters, upcast to fp32 while the frozen base keeps its dtype (TRL/SQDF, baselines.md §0.2).
+    parameters, upcast to fp32 while the frozen base keeps its dtype (TRL/SQDF; docs/tasks/sd.md §3).
     A's initialization draws from a forked RNG seeded with `seed`."""
     from peft import LoraConfig
 
@@ -356,7 +356,7 @@ def lcm_timesteps(num_train_timesteps: int = 1000, original_steps: int = 50) -> 
 
 def lcm_timestep(t: Tensor, grid: Tensor | None = None) -> Tensor:
     """The nearest LCM timestep to each DDIM timestep t (ties go to the lower one), as the SQDF
-    code feeds x_{t−1} to the LCM: 961 -> 959, 21 -> 19, 1 -> 19 (reference/sqdf.md §3.1)."""
+    code feeds x_{t−1} to the LCM: 961 -> 959, 21 -> 19, 1 -> 19 (docs/tasks/sd.md §4)."""
     grid = lcm_timesteps() if grid is None else grid
     t = torch.as_tensor(t, dtype=torch.long)
     d = (t.reshape(-1, 1) - grid.to(t.device).reshape(1, -1)).abs()

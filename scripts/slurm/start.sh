@@ -11,7 +11,8 @@
 # Nothing is written to /etc, and the packaged system services are left alone.
 #
 # Why slurmdbd + MariaDB by default: without accounting, sacct (which submitit polls) reports no
-# state, so a cancelled or killed job looks "running" forever (reference/deps.md §4).
+# state, so a cancelled or killed job looks "running" forever (seen with submitit 1.5.4 on Slurm 22.05:
+# every poll logs "Slurm accounting storage is disabled" and the state stays UNKNOWN).
 # Ports (override if they clash): SLURM_PORT_BASE (slurmctld; slurmd +1, slurmdbd +2), DB_PORT.
 # A failure part-way stops whatever was already started, prints the relevant log, and exits 1.
 set -euo pipefail
