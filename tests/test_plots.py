@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import bench.app.plots as plots
 from bench.app.cli import app
 from bench.app.config import resolve
+from bench.app.results import FinalResult
 from bench.core.evaluation import EvalContext, closed_form_row
 from bench.core.registry import METRICS
 from bench.app.runner import build_task, run_dir
@@ -56,13 +57,14 @@ def fake_runs(root: Path, configs: tuple[tuple[str, dict[str, Any]], ...] = (("d
                                   "eval/off_manifold": 0.01 * k, "eval/mmd": 1.0 - 0.3 * k})
                 (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
                 last = {k.split("/", 1)[1]: v for k, v in evals[-1].items() if k.startswith("eval/")}
-                (d / "final.json").write_text(json.dumps({
-                    "schema": 1, "run": d.name, "task": {"name": "gmm-ring8", "version": 1, "config": asdict(cfg.task_cfg)},
-                    "method": {"name": method, "version": 1, "paper": "", "config": asdict(cfg.method_cfg)},
-                    "reward": {"name": "quadratic", "version": 1}, "alpha": alpha, "seed": seed, "sampler": asdict(cfg.sampler),
-                    "train": asdict(cfg.train), "config_hash": cfg.hash(), "iterations": 100, "metrics": last,
-                    "eval": {"samples_per_prompt": 32, "prompt_sets": {"train": [""]}, "prompt_set_hash": "0000"},
-                    "budget": {"reward_queries": 100, "denoiser_calls": 1000}, "time": {"total": 1.0}}))
+                FinalResult(
+                    run=d.name, task={"name": "gmm-ring8", "version": 1, "config": asdict(cfg.task_cfg)},
+                    method={"name": method, "version": 1, "paper": "", "config": asdict(cfg.method_cfg)},
+                    reward={"name": "quadratic", "version": 1}, alpha=alpha, alpha_sqdf=alpha, seed=seed, sampler=asdict(cfg.sampler),
+                    train=asdict(cfg.train), config_hash=cfg.hash(), iterations=100, stopped_by_budget=False, metrics=last, metric_meta={},
+                    eval={"samples_per_prompt": 32, "prompt_sets": {"train": [""]}, "prompt_set_hash": "0000"},
+                    budget={"reward_queries": 100, "denoiser_calls": 1000}, time={"total": 1.0}, backbone={}, provenance={},
+                ).write(d / "final.json")
                 fig, ax = plt.subplots(figsize=(3, 3))
                 ax.scatter([0, 1, 2], [seed, 2, m_i], c="tab:red")
                 ax.set_title(f"{method} {seed}")

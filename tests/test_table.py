@@ -16,8 +16,10 @@ import yaml
 from typer.testing import CliRunner
 
 from bench.app.cli import app
+from bench.app.results import FinalResult
+from bench.app.table import (TABLE_FORMATS, collect_runs, groups, load_paper, load_results, long_rows, make_table, read_metric_log,
+                             read_run_config, render_tables, row_labels)
 from bench.core.errors import BenchError
-from bench.app.table import groups, load_paper, long_rows, make_table
 
 COLUMNS = ("reward", "path_kl", "gap", "mode_recall")
 # draft: 3 seeds, sqdf: 2 seeds; hand-computed means and sample stds in the golden strings below
@@ -33,18 +35,17 @@ REFERENCE = {"p* (closed form)": {"reward": -1.34, "path_kl": 1.0, "gap": 0.0, "
 def final(method: str, seed: int, vals: tuple[float, ...], method_version: int = 1, reward_version: int = 1, prompts: str = "abcd1234",
           config: dict[str, Any] | None = None) -> dict[str, Any]:
     q, calls = BUDGET[method]
-    return {
-        "schema": 1, "run": f"quadratic_a1_s{seed}_{method}",
-        "task": {"name": "gmm-ring8", "version": 1, "config": {"base": "analytic"}},
-        "method": {"name": method, "version": method_version, "paper": "", "config": config or {"lr": 1e-3}},
-        "reward": {"name": "quadratic", "version": reward_version},
-        "alpha": 1.0, "seed": seed, "sampler": {"steps": 50}, "train": {"iterations": 10},
-        "config_hash": f"{method}-{json.dumps(config or {}, sort_keys=True)}",
-        "metrics": dict(zip(COLUMNS, vals)),
-        "eval": {"samples_per_prompt": 64, "prompt_sets": {"train": [""]}, "prompt_set_hash": prompts},
-        "budget": {"reward_queries": q, "denoiser_calls": calls},
-        "time": {"total": 12.5 + seed},
-    }
+    return FinalResult(
+        run=f"quadratic_a1_s{seed}_{method}",
+        task={"name": "gmm-ring8", "version": 1, "config": {"base": "analytic"}},
+        method={"name": method, "version": method_version, "paper": "", "config": config or {"lr": 1e-3}},
+        reward={"name": "quadratic", "version": reward_version},
+        alpha=1.0, alpha_sqdf=1.0, seed=seed, sampler={"steps": 50}, train={"iterations": 10},
+        config_hash=f"{method}-{json.dumps(config or {}, sort_keys=True)}", iterations=10, stopped_by_budget=False,
+        metrics=dict(zip(COLUMNS, vals)), metric_meta={},
+        eval={"samples_per_prompt": 64, "prompt_sets": {"train": [""]}, "prompt_set_hash": prompts},
+        budget={"reward_queries": q, "denoiser_calls": calls}, time={"total": 12.5 + seed}, backbone={}, provenance={},
+    ).to_dict()
 
 
 def runs() -> list[dict[str, Any]]:

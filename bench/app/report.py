@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from bench.app.config import config_from_dict
-from bench.app.plots import learning_curves, plot_curves, plot_metric_vs_reward
+from bench.app.plots import group_tag, learning_curves, metric_label, plot_curves, plot_metric_vs_reward, reward_curves
+from bench.app.runner import build_task
+from bench.app.table import eval_records, group_key, groups, long_rows, make_table, read_run_config, reference_for, render_csv, row_labels
+from bench.core.io import atomic_write, write_text
 from bench.core.provenance import snapshot
-from bench.core.registry import METRICS, TASKS
-from bench.app.runner import MetricLog, build_task, reference_rows
-from bench.app.table import _row_labels, groups, long_rows, make_table
+from bench.core.registry import TASKS
 
 CURVE_METRICS = ("reward", "gap", "path_kl", "mode_tv")
-
-
-def _slug(*parts: Any) -> str:
-    return "_".join(str(p).replace(" ", "-").replace("/", "-") for p in parts)
 
 
 def _label_slug(label: str) -> str:
@@ -29,10 +24,39 @@ def _label_slug(label: str) -> str:
 
 
 def write_report(name: str, results: list[dict[str, Any]], runs_root: Path, results_root: Path, description: str = "") -> Path:
-    """results/<name>/{table.md, table.csv, figures/*.png, runs.json}. Returns the folder."""
+    """results/<name>/{table.md, table.csv, figures/*.png, runs.json}, every file written atomically.
+    Returns the folder.
+
+    Raises:
+        BenchError: a corrupt config.json or metrics.jsonl in a run folder (one line naming it),
+            before anything is written.
+    """
+    for r in results:  # every run file the report reads, before it writes anything
+        read_run_config(r)
+        eval_records(r)
     out = Path(results_root) / name
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
+    md = _preamble(name, description)
+    rows_csv: list[dict[str, Any]] = []
+    for (task, reward, alpha), runs in groups(results).items():
+        ref = reference_for(runs, runs_root)
+        md.append(make_table(runs, ref))
+        rows_csv += long_rows(runs, ref)
+        md += _group_figures(runs, ref, fig_dir)
+        task_obj = build_task(task, read_run_config(runs[0]).task_cfg)
+        if hasattr(task_obj, "reference_note"):  # how the task's reference rows were obtained, and their reliability
+            md += ["", task_obj.reference_note(reward, alpha)]
+        md.append("")
+    write_text(out / "table.md", "\n".join(md) + "\n")
+    if rows_csv:
+        write_text(out / "table.csv", render_csv(rows_csv))
+    write_text(out / "runs.json", json.dumps(sorted(str(Path(r["_dir"])) for r in results), indent=1) + "\n")
+    return out
+
+
+def _preamble(name: str, description: str) -> list[str]:
+    """The report's title, description, provenance and how to read the tables (Markdown lines)."""
     md = [f"# Results: {name}", ""]
     if description:
         md += [description.strip(), ""]
@@ -47,57 +71,33 @@ def write_report(name: str, results: list[dict[str, Any]], runs_root: Path, resu
         "evaluations per item (CFG counts twice), wall time of training and evaluation.",
         "",
     ]
-    rows_csv: list[dict[str, Any]] = []
-    for (task, reward, alpha), runs in groups(results).items():
-        cfg0 = config_from_dict(json.loads((Path(runs[0]["_dir"]) / "config.json").read_text()))
-        ref = reference_rows(task, cfg0.task_cfg, reward, alpha, cfg0.sampler, cfg0.train.final_eval_samples, runs_root)
-        md.append(make_table(runs, ref))
-        rows_csv += long_rows(runs, ref)
-        # figures, per table row (a method, or one config of it): the lowest seed's samples, and
-        # learning curves over seeds
-        rows = _row_labels(runs)
-        figs = []
-        for label, rs in rows.items():
-            r0 = min(rs, key=lambda r: r["seed"])
-            src = Path(r0["_dir"]) / "samples.png"
-            if src.exists():
-                dst = fig_dir / f"{_slug(task, reward, 'a' + format(alpha, 'g'), _label_slug(label))}_samples.png"
-                shutil.copyfile(src, dst)
-                figs.append(f"[{label}](figures/{dst.name})")
-        curves = learning_curves(runs, [m for m in CURVE_METRICS if m in TASKS.get(task).metrics])
-        curve_png = fig_dir / f"{_slug(task, reward, 'a' + format(alpha, 'g'))}_curves.png"
-        labels = {m: METRICS.entry(m).meta.get("label", m) for m in CURVE_METRICS}
-        plot_curves(curves, labels, curve_png, f"{task} · {reward} · α={alpha:g}", targets=ref.get("p* (closed form)"))
-        md.append(f"Samples (seed 0): {', '.join(figs)} · learning curves: [curves](figures/{curve_png.name})")
-        rc_metrics = tuple(getattr(TASKS.get(task), "reward_curve_metrics", ()))
-        if rc_metrics:  # held-out metrics against the training reward over training (tasks that ask for it)
-            rc_png = fig_dir / f"{_slug(task, reward, 'a' + format(alpha, 'g'))}_heldout_vs_reward.png"
-            _plot_heldout_vs_reward(runs, ref, rc_metrics, rc_png, f"{task} · {reward} · α={alpha:g}: held-out metrics vs training reward")
-            md.append(f"Held-out metrics against the training reward as training goes: [figure](figures/{rc_png.name})")
-        task_obj = build_task(task, cfg0.task_cfg)
-        if hasattr(task_obj, "reference_note"):  # how the task's reference rows were obtained, and their reliability
-            md += ["", task_obj.reference_note(reward, alpha)]
-        md.append("")
-    (out / "table.md").write_text("\n".join(md) + "\n")
-    if rows_csv:
-        with (out / "table.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows_csv[0]))
-            w.writeheader()
-            w.writerows(rows_csv)
-    (out / "runs.json").write_text(json.dumps(sorted(str(Path(r["_dir"])) for r in results), indent=1) + "\n")
-    return out
+    return md
 
 
-def _plot_heldout_vs_reward(runs: list[dict[str, Any]], ref: dict[str, dict[str, float]], metrics: tuple[str, ...], path: Path, title: str) -> None:
-    """Every evaluation of every run as (E[r], held-out metric), one line per table row (method
-    config), mean over seeds; the resampled p* draw as a reference point."""
-    nan = float("nan")
-    curves: dict[str, list[tuple[list[float], dict[str, list[float]]]]] = {}
-    for label, rs in _row_labels(runs).items():
-        for r in rs:
-            evals = [rec for rec in MetricLog(Path(r["_dir"]) / "metrics.jsonl").read() if "eval/reward" in rec]
-            xs = [float(e["eval/reward"]) for e in evals]
-            curves.setdefault(label, []).append((xs, {m: [float(e.get(f"eval/{m}", nan)) for e in evals] for m in metrics}))
-    refs = {name: (row.get("reward", nan), row) for name, row in ref.items() if name.startswith("p* sample")}
-    labels = {m: METRICS.entry(m).meta.get("label", m) for m in metrics}
-    plot_metric_vs_reward(curves, labels, "training reward E[r] (train prompts)", path, title, refs)
+def _group_figures(runs: list[dict[str, Any]], ref: dict[str, dict[str, float]], fig_dir: Path) -> list[str]:
+    """The figures of one (task, reward, α) group, per table row (a method, or one config of it): the
+    lowest seed's samples (copied), learning curves over seeds and, for tasks that ask for it, held-out
+    metrics against the training reward. Returns the Markdown lines linking them."""
+    task, reward, alpha = group_key(runs[0])
+    tag = group_tag(task, reward, alpha)
+    figs = []
+    for label, rs in row_labels(runs).items():
+        r0 = min(rs, key=lambda r: r["seed"])
+        src = Path(r0["_dir"]) / "samples.png"
+        if src.exists():
+            dst = fig_dir / f"{tag}_{_label_slug(label)}_samples.png"
+            atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+            figs.append(f"[{label}](figures/{dst.name})")
+    curves = learning_curves(runs, [m for m in CURVE_METRICS if m in TASKS.get(task).metrics])
+    curve_png = fig_dir / f"{tag}_curves.png"
+    labels = {m: metric_label(m) for m in CURVE_METRICS}
+    plot_curves(curves, labels, curve_png, f"{task} · {reward} · α={alpha:g}", targets=ref.get("p* (closed form)"))
+    md = [f"Samples (seed 0): {', '.join(figs)} · learning curves: [curves](figures/{curve_png.name})"]
+    rc_metrics = tuple(getattr(TASKS.get(task), "reward_curve_metrics", ()))
+    if rc_metrics:  # held-out metrics against the training reward over training (tasks that ask for it)
+        rc_png = fig_dir / f"{tag}_heldout_vs_reward.png"
+        refs = {name: (row.get("reward", float("nan")), row) for name, row in ref.items() if name.startswith("p* sample")}
+        plot_metric_vs_reward(reward_curves(runs, rc_metrics), {m: metric_label(m) for m in rc_metrics}, "training reward E[r] (train prompts)",
+                              rc_png, f"{task} · {reward} · α={alpha:g}: held-out metrics vs training reward", refs)
+        md.append(f"Held-out metrics against the training reward as training goes: [figure](figures/{rc_png.name})")
+    return md

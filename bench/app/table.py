@@ -17,28 +17,123 @@ from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from bench.app.config import RunConfig, config_from_dict
+from bench.app.results import read_final
 from bench.core.errors import BenchError
 from bench.core.registry import METRICS, TASKS
 
 ARROWS = {"max": "↑", "min": "↓", "target": "≈"}
+TABLE_FORMATS = ("markdown", "latex", "csv")
 BUDGET_COLUMNS = (("budget.reward_queries", "queries"), ("budget.denoiser_calls", "denoiser calls"), ("time.total", "time (s)"))
 
 
+# ---- reading run folders: the one home for final.json, config.json and metrics.jsonl ---------------------------
+
+
 def load_results(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    """final.json of every run folder given (folders without one are skipped)."""
+    """final.json of every run folder given, validated (`bench.app.results.read_final`), as plain
+    dicts (`FinalResult.to_dict()`) with the run folder under "_dir"; folders without one are skipped.
+
+    Raises:
+        BenchError: one line naming a corrupt, empty, truncated or foreign final.json.
+    """
     out = []
     for p in paths:
         p = Path(p)
         f = p / "final.json" if p.is_dir() else p
         if f.exists():
-            r = json.loads(f.read_text())
+            r = read_final(f).to_dict()
             r["_dir"] = str(f.parent)
             out.append(r)
     return out
 
 
+def collect_runs(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """The finished runs under `paths` (run folders, or folders holding them; runs/_reference is
+    not a run), as `load_results` gives them, for `bench table` and `bench plot`.
+
+    Raises:
+        BenchError: a path that does not exist, no finished run at all, or a corrupt final.json.
+    """
+    paths = [Path(p) for p in paths]
+    dirs: list[Path] = []
+    for p in paths:
+        if not p.exists():
+            raise BenchError(f"{p} does not exist; give run folders or folders holding them (e.g. runs/gmm-ring8)")
+        if (p / "final.json").exists():
+            dirs.append(p)
+        else:
+            dirs += sorted(q.parent for q in p.rglob("final.json") if "_reference" not in q.parts)
+    results = load_results(dirs)
+    if not results:
+        raise BenchError(f"no finished runs (final.json) under {', '.join(map(str, paths))}; finish a run first (bench run) or give its folder")
+    return results
+
+
 def find_runs(root: Path) -> list[Path]:
     return sorted(p.parent for p in Path(root).glob("*/*/*/final.json"))
+
+
+def read_run_config(run: dict[str, Any]) -> RunConfig:
+    """The resolved RunConfig of a run (its folder's config.json).
+
+    Raises:
+        BenchError: one line naming a missing, corrupt or foreign config.json.
+    """
+    f = Path(run["_dir"]) / "config.json"
+    try:
+        d = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise BenchError(f"{f}: no such file; the run folder is incomplete (re-run the run or leave it out)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BenchError(f"{f}: corrupt run config ({type(e).__name__}); re-run the run (delete its folder first) or leave it out") from None
+    try:
+        return config_from_dict(d)
+    except BenchError as e:
+        raise BenchError(f"{f}: {e}") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise BenchError(f"{f}: not a run config ({type(e).__name__}: {e}); re-run the run or leave it out") from None
+
+
+def read_metric_log(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every record of a finished run's metrics.jsonl (training steps, budgets, evaluations), in order.
+
+    Raises:
+        BenchError: one line naming a missing, empty or corrupt metrics.jsonl (a finished run has
+            logged at least its final evaluation).
+    """
+    from bench.app.runner import MetricLog
+
+    f = Path(run["_dir"]) / "metrics.jsonl"
+    try:
+        recs = MetricLog(f).read()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BenchError(f"{f}: corrupt metric log ({type(e).__name__}); re-run the run (delete its folder first) or leave it out") from None
+    if not recs:
+        raise BenchError(f"{f}: missing or empty metric log of a finished run; re-run the run (delete its folder first) or leave it out")
+    if not all(isinstance(rec, dict) for rec in recs):
+        raise BenchError(f"{f}: not a metric log (every line should be a JSON object); re-run the run or leave it out")
+    return recs
+
+
+def eval_records(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The evaluation records of a run's metrics.jsonl (those with "eval/..." keys), in order."""
+    return [rec for rec in read_metric_log(run) if any(k.startswith("eval/") for k in rec)]
+
+
+def reference_for(runs: list[dict[str, Any]], runs_root: Path | None = None) -> dict[str, dict[str, float]]:
+    """The reference rows (exact target, floors, base model) of one (task, reward, α) group, from its
+    first run's config; computed once and cached under <runs_root>/_reference (default: the runs'
+    root, three levels above a run folder)."""
+    from bench.app.runner import reference_rows
+
+    task, reward, alpha = group_key(runs[0])
+    cfg0 = read_run_config(runs[0])
+    root = runs_root or Path(runs[0]["_dir"]).parents[2]
+    return reference_rows(task, cfg0.task_cfg, reward, alpha, cfg0.sampler, cfg0.train.final_eval_samples, root)
+
+
+# ---- tables ----------------------------------------------------------------------------------------------------
 
 
 def _fmt(v: float) -> str:
@@ -67,8 +162,16 @@ def group_key(r: dict[str, Any]) -> tuple[str, str, float]:
     return (r["task"]["name"], r["reward"]["name"], float(r["alpha"]))
 
 
-def _row_labels(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """method label -> its runs; methods with several configs are told apart by the differing fields."""
+def row_labels(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of a table, figure legend or report: row label -> its runs (seeds), methods sorted by name.
+
+    A method run with one config is one row labelled by its name; a method run with several configs
+    (an ablation) gets one row per config (runs sharing `config_hash`), labelled by the fields that
+    vary between its configs (method config, train.*, sampler.*, task.*): the config sharing the
+    most fields with the others lists every varying field, the others only where they differ from
+    it, e.g. "sqdf (gamma=0.9)". Tables, `bench plot` and the results report all label rows
+    through this function, so a row reads the same everywhere.
+    """
     by_method: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         by_method[r["method"]["name"]][r["config_hash"]].append(r)
@@ -127,7 +230,7 @@ def _check_comparable(runs: list[dict[str, Any]]) -> None:
 def aggregate(runs: list[dict[str, Any]], columns: Sequence[str]) -> dict[str, dict[str, tuple[float, float, int]]]:
     """label -> column -> (mean, std, n) over seeds."""
     out: dict[str, dict[str, tuple[float, float, int]]] = OrderedDict()
-    for label, rs in _row_labels(runs).items():
+    for label, rs in row_labels(runs).items():
         cells = {}
         for c in columns:
             vals = [v for v in (_get(r, c) for r in rs) if not math.isnan(v)]
@@ -152,6 +255,9 @@ def make_table(runs: list[dict[str, Any]], reference: dict[str, dict[str, float]
     """
     if not runs:
         raise BenchError("no finished runs to tabulate")
+    if fmt not in ("markdown", "latex"):
+        check_table_format(fmt)
+        raise BenchError("make_table draws markdown or latex; a csv table is long-format rows (long_rows, render_csv)")
     keys = {group_key(r) for r in runs}
     if len(keys) > 1:
         raise BenchError(f"make_table takes one (task, reward, alpha) group, got {sorted(keys)}")
@@ -203,18 +309,60 @@ def make_table(runs: list[dict[str, Any]], reference: dict[str, dict[str, float]
     sources: list[str] = []
     if paper:
         keys: list[str | None] = [None] * len(reference or {}) + list(agg)
-        sources = _add_paper_columns(header, lines, keys, metric_cols, published(paper, task_name, reward, _row_labels(runs)))
+        sources = _add_paper_columns(header, lines, keys, metric_cols, published(paper, task_name, reward, row_labels(runs)))
     if fmt == "markdown":
         out = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
         out += ["| " + " | ".join(r) + " |" for r in lines]
         out += ([""] + [f"(paper) {src}" for src in sources]) if sources else []
         return "\n".join(out) + "\n"
-    if fmt == "latex":
-        body = [" & ".join(_latex(c) for c in header) + " \\\\", "\\midrule"]
-        body += [" & ".join(_latex(c) for c in r) + " \\\\" for r in lines]
-        notes = "".join(f"% (paper) {src}\n" for src in sources)
-        return (f"% {title}\n{notes}\\begin{{tabular}}{{l{'r' * (len(header) - 1)}}}\n\\toprule\n" + "\n".join(body) + "\n\\bottomrule\n\\end{tabular}\n")
-    raise BenchError(f"unknown table format {fmt!r}; known: markdown, latex, csv")
+    body = [" & ".join(_latex(c) for c in header) + " \\\\", "\\midrule"]  # latex
+    body += [" & ".join(_latex(c) for c in r) + " \\\\" for r in lines]
+    notes = "".join(f"% (paper) {src}\n" for src in sources)
+    return (f"% {title}\n{notes}\\begin{{tabular}}{{l{'r' * (len(header) - 1)}}}\n\\toprule\n" + "\n".join(body) + "\n\\bottomrule\n\\end{tabular}\n")
+
+
+def check_table_format(fmt: str) -> None:
+    """BenchError (one line, the accepted formats) unless `fmt` is one of TABLE_FORMATS."""
+    if fmt not in TABLE_FORMATS:
+        raise BenchError(f"unknown table format {fmt!r}; known: {', '.join(TABLE_FORMATS)}")
+
+
+def render_tables(results: list[dict[str, Any]], fmt: str = "markdown", reference: bool = True,
+                  paper: list[dict[str, Any]] | None = None, time: bool = True, runs_root: Path | None = None) -> str:
+    """`bench table`: every (task, reward, α) group of `results` as one text in `fmt` (TABLE_FORMATS):
+    Markdown or LaTeX tables one after the other, or one long-format CSV.
+
+    Args:
+        reference: add the reference rows (`reference_for`; cached under <runs_root>/_reference).
+        paper: published tables (`load_paper()`), or None.
+        time: include the wall-time column.
+    """
+    check_table_format(fmt)
+    if not results:
+        raise BenchError("no finished runs to tabulate")
+    chunks, csv_rows = [], []
+    for runs in groups(results).values():
+        ref = reference_for(runs, runs_root) if reference else None
+        if fmt == "csv":
+            csv_rows += long_rows(runs, ref, paper=paper, time=time)
+        else:
+            chunks.append(make_table(runs, ref, fmt=fmt, paper=paper, time=time))
+    return render_csv(csv_rows) if fmt == "csv" else "\n".join(chunks)
+
+
+def render_csv(rows: list[dict[str, Any]]) -> str:
+    """Long-format rows (`long_rows`) as CSV text, header from the first row's keys (csv's default
+    "\\r\\n" line ends)."""
+    import csv
+    import io
+
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
 
 
 def _latex(cell: str) -> str:
@@ -233,6 +381,8 @@ def _latex(cell: str) -> str:
 def long_rows(runs: list[dict[str, Any]], reference: dict[str, dict[str, float]] | None = None,
               paper: list[dict[str, Any]] | None = None, time: bool = True) -> list[dict[str, Any]]:
     """Long-format rows (one per group × row × metric) for CSV export (published numbers: row "<label> (paper)")."""
+    if not runs:
+        raise BenchError("no finished runs to tabulate")
     out = []
     task_name, reward, alpha = group_key(runs[0])
     cols = list(TASKS.get(task_name).metrics) + [c for c, _ in BUDGET_COLUMNS if time or c != "time.total"]
@@ -244,7 +394,7 @@ def long_rows(runs: list[dict[str, Any]], reference: dict[str, dict[str, float]]
         for c, (mean, sd, n) in cells.items():
             out.append({"task": task_name, "reward": reward, "alpha": alpha, "row": lab, "metric": c, "mean": mean, "std": sd, "n": n})
     if paper:
-        by_label, extra, _ = published(paper, task_name, reward, _row_labels(runs))
+        by_label, extra, _ = published(paper, task_name, reward, row_labels(runs))
         for lab, vals in {**by_label, **extra}.items():
             for c, v in vals.items():
                 out.append({"task": task_name, "reward": reward, "alpha": alpha, "row": f"{lab} (paper)", "metric": c, "mean": v, "std": "", "n": ""})
@@ -324,6 +474,7 @@ def _add_paper_columns(header: list[str], lines: list[list[str]], keys: list[str
 
 
 def groups(runs: list[dict[str, Any]]) -> dict[tuple[str, str, float], list[dict[str, Any]]]:
+    """(task, reward, α) -> its runs, sorted by group, then method, then seed (one table or figure per group)."""
     g: dict[tuple[str, str, float], list[dict[str, Any]]] = OrderedDict()
     for r in sorted(runs, key=lambda r: (group_key(r), r["method"]["name"], r["seed"])):
         g.setdefault(group_key(r), []).append(r)
