@@ -3,7 +3,8 @@
 Prabhudesai, Goyal, Pathak, Fragkiadaki. "Aligning Text-to-Image Diffusion Models with Reward
 Backpropagation". arXiv:2310.03739. Official code: mihirp1998/AlignProp @b22918a (HEAD, TRL-based:
 `sd_pipeline.py::pipeline_step_with_grad`, `alignprop_trainer.py`, `config/alignprop_config.py`);
-the original code @a831a5f (`main.py`) and TRL's AlignPropTrainer @1d0b196 (reference/baselines.md §3).
+the original code @a831a5f (`main.py`) and TRL's AlignPropTrainer @1d0b196. DDIM step through which
+gradients flow: Song et al., arXiv:2010.02502, Eqs. 12 and 16.
 
 Objective: maximize E_{c, x_T, z}[ r(decode(x_0(θ))) ] by the pathwise gradient through the DDIM
 sampler (x_T and the per-step noises z are constants of the graph), with gradient checkpointing of
@@ -57,7 +58,7 @@ TRUNCATIONS = ("gaussian", "uniform", "fixed", "per_step_legacy")
 
 @dataclass(frozen=True)
 class AlignPropConfig:
-    """AlignProp hyperparameters (defaults: AlignProp HEAD's aesthetic run, baselines.md §3.2)."""
+    """AlignProp hyperparameters (defaults: AlignProp HEAD's aesthetic run, `config/alignprop_config.py`)."""
 
     truncation: str = "gaussian"
     "K per trajectory: gaussian (b ~ N(mean, std)), uniform (b ~ U[min, max)), fixed (b = trunc_fixed); per_step_legacy: v1/TRL's per-step draw in [min, max]"
@@ -214,12 +215,15 @@ class AlignProp(AlignmentMethod):
         cfg, ctx, bb = self.cfg, self.ctx, self.ctx.backbone
         B, T = cfg.batch_size, ctx.sampler.steps
         prompts = sample_prompts(ctx.prompts, B, self.generator)
+        # 1. the graph's constants x_T, z (the whole batch first, so micro-batching changes nothing)
         x_T, z = draw_noise(self.generator, B, T, bb.sample_shape)
+        # 2. randomized truncation: K = T − b per trajectory (mask [T, B] of gradient-carrying steps)
         mask = draw_truncation(cfg, T, B, self.generator)
         total, rewards = 0.0, []
         with ctx.clock("update"):
             for sl in micro_batches(B, cfg.micro_batch):
                 n = sl.stop - sl.start
+                # 3. differentiable rollout, loss_scale · ℓ(r(decode(x_0))), accumulated over micro-batches
                 loss, r = self.loss(prompts[sl], x_T[sl], z[sl], mask[:, sl])
                 (loss * (n / B)).backward()
                 total += float(loss.detach()) * n / B

@@ -1,4 +1,16 @@
-"""Small pieces several methods share (the diffusion math itself lives in `bench.core.diffusion`)."""
+"""Small pieces several methods share (the diffusion math itself lives in `bench.core.diffusion`).
+
+* sample_prompts: prompts i.i.d. uniform per trajectory, as ddpo-pytorch (Black et al., ICLR 2024,
+  arXiv:2305.13301) and the SQDF code draw them.
+* adamw / optimizer_step: AdamW (Loshchilov & Hutter, ICLR 2019, arXiv:1711.05101) with a global
+  gradient-norm clip (Pascanu, Mikolov, Bengio, ICML 2013, arXiv:1211.5063), gradients averaged over
+  ranks first (bench.core.distributed).
+* require / check_range / check_choice: config validation as one-line BenchErrors.
+* discount: SQDF's γ^{steps left} (Kang et al., ICLR 2026, arXiv:2512.04559, Eqs. 13–15;
+  docs/methods/sqdf_soft_q.md, "Discounting").
+
+Notation: n_k = T − 1 − k (steps left after sampling step k) = t − 1 in the paper's countdown t.
+"""
 
 from __future__ import annotations
 

@@ -3,46 +3,52 @@
 Black, Janner, Du, Kostrikov, Levine. "Training Diffusion Models with Reinforcement Learning".
 ICLR 2024, arXiv:2305.13301. Official code: kvablack/ddpo-pytorch @1958463 (`scripts/train.py`,
 `ddpo_pytorch/stat_tracking.py`, `ddpo_pytorch/diffusers_patch/ddim_with_logprob.py`,
-`config/base.py`, `config/dgx.py`); the paper's JAX code is jannerm/ddpo (reference/baselines.md §4).
+`config/base.py`, `config/dgx.py`); the paper's JAX code is jannerm/ddpo. Clipped surrogate:
+Schulman et al. 2017, arXiv:1707.06347, Eq. 7. DDPO+KL's per-step KL follows Flow-GRPO (Liu et
+al. 2025, arXiv:2505.05470, its `kl_loss`). Derivations, notation and the KL calibration in full:
+docs/methods/policy_gradient.md. The shared pieces (advantages, surrogates, log-prob
+recomputation) live in methods/policy_gradient.py.
 
-The denoising chain is a T-step MDP: the state is (x_t, t, c), the action is x_{t'} ~ π_θ(·|x_t, c)
-= N(μ_θ(x_t), σ_t² I) (DDIM with η > 0), and the only reward is r(x_0, c) at the end. Every
-iteration samples a fresh batch with the current policy, scores it (no reward gradient), turns the
-rewards into one advantage A per trajectory, and runs `num_inner_epochs` passes of PPO-clip over
-shuffled (sample, timestep) pairs (the paper's DDPO_IS):
+Objective (DDPO §4.1): maximize J(θ) = E_{c, x_0 ∼ p_θ(·|c)}[ r(x_0, c) ]. The denoising chain
+is a T-step MDP (§4.3): state (x_t, t, c), action x_{t−1} ∼ π_θ(·|x_t, c) = N(μ_θ(x_t), σ_t² I)
+(DDIM, Song et al. arXiv:2010.02502, Eqs. 12 and 16, with η > 0), and the only reward is
+r(x_0, c) at the end. Every iteration samples a fresh batch with the current policy, scores it
+(no reward gradient), turns the rewards into one advantage A per trajectory, and runs
+`num_inner_epochs` passes of PPO-clip over shuffled (sample, timestep) pairs (DDPO_IS, §4.3):
 
     L(θ) = E_{samples, t}[ max( −A·ρ_t, −A·clip(ρ_t, 1 − ε, 1 + ε) ) ],
-    ρ_t = π_θ(x_{t'} | x_t, c) / π_old(x_{t'} | x_t, c).
+    ρ_t = π_θ(x_{t−1} | x_t, c) / π_old(x_{t−1} | x_t, c).
 
-With one optimizer step per batch ρ ≡ 1 at the update and ∇L = −E[A ∇log π_θ]: DDPO-SF (REINFORCE).
-DDPO+KL (`ddpo-kl`) adds α·KL_t(π_θ(·|x_t) ‖ π_ref(·|x_t)) at every trained (sample, timestep), the
-"PPO + KL" form of Flow-GRPO (reference/baselines.md §5.5); its trained-step average is KL_path/T.
+With one optimizer step per batch ρ ≡ 1 at the update and ∇L = −E[Σ_t A ∇log π_θ]: DDPO_SF
+(REINFORCE, §4.3). DDPO+KL (`ddpo-kl`) adds α·KL_t(π_θ(·|x_t) ‖ π_ref(·|x_t)) at every trained
+(sample, timestep); its trained-step average is KL_path/T.
 
 Notation (paper / ddpo-pytorch -> code):
-    x_t, x_{t'} (state, next state)    -> data["latents"][:, i], [:, i + 1]  (i = sampling step index)
-    log π_old(x_{t'}|x_t)               -> data["log_probs"][:, i] (recorded by bench.core.diffusion.rollout)
-    log π_θ(x_{t'}|x_t)                 -> recompute_transition(...).log_prob (ddim_step with prev_sample)
-    ρ_t, ε (clip range)                 -> ratio, cfg.clip_range
-    A (advantage, one per trajectory)   -> data["advantages"]: PerPromptStatTracker z-score, clipped to ±adv_clip_max
-    per-element mean log-prob (code)    -> cfg.log_prob_reduce = "mean": nats sum / D (D = backbone.dim)
-    train.batch_size × GPUs             -> cfg.minibatch_size
-    sample.batch_size × GPUs × batches  -> cfg.samples_per_iteration
-    gradient_accumulation_steps         -> cfg.gradient_accumulation_steps (× trained timesteps)
-    β of DDPO+KL                        -> ctx.alpha (nats), KL_t = Σ_dims (μ_θ − μ_ref)² / (2σ_t²)
+    x_t, x_{t−1} (state, next state)   -> data["latents"][:, i], [:, i + 1]  (i = sampling step index)
+    log π_old(x_{t−1}|x_t)             -> data["log_probs"][:, i] (recorded by bench.core.diffusion.rollout)
+    log π_θ(x_{t−1}|x_t)               -> recompute_transition(...).log_prob (ddim_step with prev_sample)
+    ρ_t, ε (clip range)                -> ratio, cfg.clip_range
+    A (advantage, one per trajectory)  -> data["advantages"]: PerPromptStatTracker z-score, clipped to ±adv_clip_max
+    per-element mean log-prob (code)   -> cfg.log_prob_reduce = "mean": nats sum / D (D = backbone.dim)
+    train.batch_size × GPUs            -> cfg.minibatch_size
+    sample.batch_size × GPUs × batches -> cfg.samples_per_iteration
+    gradient_accumulation_steps        -> cfg.gradient_accumulation_steps (× trained timesteps)
+    β of DDPO+KL                       -> ctx.alpha (nats), KL_t = Σ_dims (μ_θ − μ_ref)² / (2σ_t²)
 
-Calibration of the KL variants. The loss weighs reward and KL as the α-objective E[r] − α·KL_path
-does only when (i) the KL is reduced like the log-prob (per element for "mean": both divided by D,
-which scales the whole loss by 1/D; `kl_reduce="match"`, the default), and (ii) the advantage is in
-reward units (`advantage="center"`: r minus a per-prompt baseline; the baseline includes the sample
-itself, as DDPO's tracker does, which shrinks the reward's weight by O(1/n) for n stored rewards).
-DDPO's z-scored advantage divides the reward by its running std, which multiplies α by std(r); the
-mixture-task presets therefore run `ddpo-kl` with `advantage: center` (bench/configs/tasks/). Even
-so, the KL gradient is the per-step one at the sampled states (DPOK, Flow-GRPO); the exact gradient
-of KL_path also has the score term Σ_t ∇log π_t·Σ_{s>t} KL_s of the states' dependence on θ, so the
-fixed point is near p*, not at it (ring8, α = 1: path KL 1.49 against KL* = 1.63).
-`kl_in_return=true` adds that term: step t's advantage becomes r − α·Σ_{s>t} KL_s (the KL the path
-still incurs, recorded by the rollout against the reference) minus per-prompt / per-step batch
-baselines, which makes the gradient at ρ = 1 exactly that of E[r] − α·KL_path.
+Calibration of the KL variants (derivation: docs/methods/policy_gradient.md). The loss weighs
+reward and KL as the α-objective E[r] − α·KL_path does only when (i) the KL is reduced like the
+log-prob (`kl_reduce="match"`, the default: both per element for "mean", which scales the whole
+loss by 1/D), and (ii) the advantage is in reward units (`advantage="center"`: r minus a
+per-prompt baseline that includes the sample itself, as DDPO's tracker does, which shrinks the
+reward's weight by O(1/n) for n stored rewards). DDPO's z-scored advantage divides the reward by
+its running std, which multiplies α by std(r); the mixture-task presets therefore run `ddpo-kl`
+with `advantage: center` (bench/configs/tasks/). Even so, the KL gradient is the per-step one at
+the sampled states (DPOK, Flow-GRPO); the exact gradient of KL_path also has the score term
+Σ_t ∇log π_t·Σ_{s>t} KL_s of the states' dependence on θ, so the fixed point is near p*, not at it
+(ring8, α = 1: path KL 1.49 against KL* = 1.63). `kl_in_return=true` adds that term: step t's
+advantage becomes r − α·Σ_{s>t} KL_s (the KL the path still incurs, recorded by the rollout
+against the reference) minus per-prompt / per-step batch baselines, which makes the gradient at
+ρ = 1 exactly that of E[r] − α·KL_path.
 
 Deliberate deviations from the official code:
 1. Sizes are per process. A one-process run uses ddpo-pytorch's whole-run sizes
@@ -60,15 +66,15 @@ Deliberate deviations from the official code:
    depend on the batch layout (the zero-initialized mixture backbone) and to float32 round-off
    otherwise (a row's matmul result can depend on its position in the batch: |ρ − 1| ≲ 1e-5
    measured on the toy). `train/ratio_first` logs max |ρ − 1| there, and a warning is emitted above
-   1e-3 (reference/baselines.md §4.5).
+   1e-3 (RATIO_WARN).
 4. Harness switches, all off in the defaults: `advantage="center"` (reward units, for the α-calibrated
    KL variant), `kl_in_return` (the exact KL gradient; one more reference call per sampled step),
    `exclude_last_step` (DanceGRPO/Flow-GRPO train on steps 0..T−2), `log_prob_reduce="sum"` (the
    true density; its clip range means something else), `kl_reduce`.
-5. DDPO+KL has no official code (the SQDF paper's DDPO+KL form is unknown, reference/sqdf.md §10.1);
-   the KL is the exact Gaussian KL of the two step means at each trained step against the frozen
-   pretrained model; with the default reductions (mean, match) it is Flow-GRPO's per-element
-   `kl_loss`.
+5. DDPO+KL has no official code (the SQDF paper, arXiv:2512.04559, compares against a DDPO+KL
+   baseline without specifying its form); the KL is the exact Gaussian KL of the two step means
+   at each trained step against the frozen pretrained model; with the default reductions (mean,
+   match) it is Flow-GRPO's per-element `kl_loss`.
 6. Prompts are kept as strings for the per-prompt tracker (ddpo-pytorch decodes token ids, so
    prompts truncated at 77 tokens collide).
 7. `timesteps_per_pass` (harness addition) evaluates several of a minibatch's trained timesteps in
@@ -80,23 +86,30 @@ Deliberate deviations from the official code:
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from bench.core import distributed as dist
-from bench.core.diffusion import SamplerGrid, ddim_step, draw_noise, gaussian_kl, guided_eps, rollout
+from bench.core.diffusion import draw_noise, rollout
 from bench.core.registry import METHODS
-from bench.core.task import Backbone, SamplerConfig
 from bench.core.method import AlignmentMethod, TrainContext
 from methods.common import check_choice, check_range, optimizer_step, require, sample_prompts
+from methods.policy_gradient import (
+    RATIO_WARN,
+    PerPromptStatTracker,
+    batch_zscore,
+    gather_rewards,
+    kl_to_go,
+    log_ratio_stats,
+    mean_or_zero,
+    ppo_clip_loss,
+    recompute_transition,
+    reduce_dims,
+)
 
 log = logging.getLogger(__name__)
-
-RATIO_WARN = 1e-3  # |ρ − 1| on the first accumulation group above this means sampling and training disagree
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,154 +203,6 @@ class DDPOConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Pieces shared with methods/dpok.py
-# --------------------------------------------------------------------------------------------------
-
-
-class PerPromptStatTracker:
-    """ddpo-pytorch's per-prompt reward normalization.
-
-    For each prompt string a deque of its last `buffer_size` rewards persists across iterations.
-    `update` pushes the batch's rewards, then normalizes each reward with its prompt's deque
-    statistics when the deque holds at least `min_count` values, else with the whole batch's
-    (population std, + 1e-6).
-    """
-
-    def __init__(self, buffer_size: int, min_count: int) -> None:
-        self.buffer_size = buffer_size
-        self.min_count = min_count
-        self.stats: dict[str, deque[float]] = {}
-
-    def update(self, prompts: Sequence[str], rewards: Tensor, scale: bool = True) -> Tensor:
-        """Advantages [N] for rewards [N] (float64 statistics).
-
-        Args:
-            scale: divide by the std (DDPO); False returns r − mean (reward units).
-        """
-        r = rewards.detach().double().cpu()
-        out = torch.empty_like(r)
-        batch_mean, batch_std = r.mean(), r.std(unbiased=False) + 1e-6
-        for p in sorted(set(prompts)):
-            idx = torch.tensor([i for i, q in enumerate(prompts) if q == p])
-            dq = self.stats.setdefault(p, deque(maxlen=self.buffer_size))
-            dq.extend(r[idx].tolist())
-            if len(dq) < self.min_count:
-                mean, std = batch_mean, batch_std
-            else:
-                h = torch.tensor(list(dq), dtype=torch.float64)
-                mean, std = h.mean(), h.std(unbiased=False) + 1e-6
-            out[idx] = (r[idx] - mean) / std if scale else r[idx] - mean
-        return out.to(rewards.dtype).to(rewards.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffer_size": self.buffer_size, "min_count": self.min_count, "stats": {k: list(v) for k, v in self.stats.items()}}
-
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.stats = {k: deque(v, maxlen=self.buffer_size) for k, v in s["stats"].items()}
-
-
-def log_ratio_stats(info: dict[str, list[float]], log_ratio: Tensor, per_item: Tensor, clip_range: float) -> Tensor:
-    """Append a minibatch's PPO diagnostics to `info` (loss, mean ratio, clip fraction, approx KL
-    ½·E[(log r)²]); returns the ratio exp(log r), detached."""
-    dr = log_ratio.detach()
-    ratio = torch.exp(dr)
-    info["loss"].append(float(per_item.detach().mean()))
-    info["ratio"].append(float(ratio.mean()))
-    info["clipfrac"].append(float(((ratio - 1.0).abs() > clip_range).float().mean()))
-    info["approx_kl"].append(float(0.5 * (dr**2).mean()))
-    return ratio
-
-
-def ppo_clip_loss(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> Tensor:
-    """PPO's clipped surrogate per item: max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), ρ = exp(log_ratio).
-
-    The gradient vanishes where the clipped branch is active: A > 0 with ρ > 1 + ε and A < 0 with
-    ρ < 1 − ε. [B] -> [B].
-    """
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return torch.maximum(unclipped, clipped)
-
-
-def ratio_clamp_loss(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> Tensor:
-    """DPOK's surrogate per item: −A·clamp(ρ, 1 − ε, 1 + ε), with no min/max against the unclipped
-    term, so the gradient vanishes whenever ρ leaves the band, whatever the sign of A. [B] -> [B]."""
-    return -advantages * torch.clamp(torch.exp(log_ratio), 1.0 - clip_range, 1.0 + clip_range)
-
-
-@dataclass
-class TransitionTerms:
-    """log π_θ of stored transitions, recomputed with gradient, and the terms against the reference."""
-
-    log_prob: Tensor  # [B] nats, Σ dims; gradient through μ_θ only
-    kl: Tensor | None  # [B] nats, KL(π_θ(·|x_t) ‖ π_ref(·|x_t)) = Σ dims (μ_θ − μ_ref)² / (2σ²)
-    eps_mse: Tensor | None  # [B] mean_dims (ε̂_θ − ε̂_ref)², DPOK's KL surrogate
-
-
-def recompute_transition(
-    backbone: Backbone,
-    grid: SamplerGrid,
-    sampler: SamplerConfig,
-    x: Tensor,
-    x_next: Tensor,
-    steps: Tensor,
-    cond: Tensor,
-    *,
-    reference: bool = False,
-) -> TransitionTerms:
-    """log π_θ(x_next | x) for stored transitions at per-item sampling-step indices.
-
-    Uses exactly the sampler's arithmetic (guided ε̂ with the sampling CFG in one concatenated
-    call, then `ddim_step(..., prev_sample=x_next)`), so on the data of the current policy it
-    reproduces the rollout's log-probs bit for bit.
-
-    Args:
-        x, x_next: [B, ...] states and next states. steps: [B] long sampling-step indices i.
-        cond: [B, ...] conditions. reference: also evaluate ε_ref (no gradient) for the KL terms.
-    """
-    s = steps.cpu()
-    dev = x.device
-    t = grid.timesteps[s].to(dev)
-    a, ap = grid.alpha_bars[s], grid.prev_alpha_bars[s]
-    null = backbone.null_cond(cond)
-    eps = guided_eps(backbone.policy, x, t, cond, null, sampler.guidance)
-    out = ddim_step(eps, x, a, ap, sampler.eta, prev_sample=x_next)
-    if out.log_prob is None:
-        raise ValueError("recompute_transition: σ_t = 0 at a trained step (η = 0 or ᾱ_final = 1); exclude that step")
-    kl = eps_mse = None
-    if reference:
-        with torch.no_grad():
-            eps_ref = guided_eps(backbone.reference, x, t, cond, null, sampler.guidance)
-            mean_ref = ddim_step(eps_ref, x, a, ap, sampler.eta, prev_sample=x_next).mean
-        kl = gaussian_kl(out.mean, mean_ref, out.std)
-        eps_mse = ((eps - eps_ref) ** 2).flatten(1).mean(1)
-    return TransitionTerms(out.log_prob, kl, eps_mse)
-
-
-def _gather_rewards(prompts: list[str], rewards: Tensor) -> tuple[list[str], Tensor, int]:
-    """(prompts, rewards) of every rank in rank order, and where this rank's slice starts.
-
-    A no-op without a process group (bench.core.distributed)."""
-    if not dist.initialized():
-        return prompts, rewards, 0
-    rank, world = dist.world()
-    parts: list[Any] = [None] * world
-    torch.distributed.all_gather_object(parts, (prompts, rewards.detach().cpu()))
-    lo = sum(len(p[0]) for p in parts[:rank])
-    return [q for p in parts for q in p[0]], torch.cat([p[1] for p in parts]), lo
-
-
-def reduce_dims(x: Tensor, mode: str, dim: int) -> Tensor:
-    """A nats sum over dims [B] in the chosen convention: "sum" as is, "mean" divided by D."""
-    return x / dim if mode == "mean" else x
-
-
-def _mean(xs: list[float]) -> float:
-    return float(sum(xs) / len(xs)) if xs else 0.0
-
-
-# --------------------------------------------------------------------------------------------------
 # DDPO
 # --------------------------------------------------------------------------------------------------
 
@@ -418,10 +283,9 @@ class DDPO(AlignmentMethod):
         tracker holds the same history.
         """
         cfg = self.cfg
-        all_prompts, all_r, lo = _gather_rewards(list(prompts), rewards)
+        all_prompts, all_r, lo = gather_rewards(list(prompts), rewards)
         if cfg.advantage == "batch":
-            r = all_r.double()
-            a = ((r - r.mean()) / (r.std(unbiased=False) + 1e-8)).to(rewards.dtype)
+            a = batch_zscore(all_r)
         else:
             a = self.tracker.update(all_prompts, all_r, scale=cfg.advantage == "per_prompt")
         return a[lo : lo + rewards.shape[0]].to(rewards.device)
@@ -430,16 +294,28 @@ class DDPO(AlignmentMethod):
 
     def train_step(self) -> dict[str, float]:
         cfg, ctx = self.cfg, self.ctx
+        # 1. trajectories of the current policy π_old = π_θ, with log π_old(x_{t−1}|x_t) and the
+        #    terminal reward r(x_0, c) (the MDP of DDPO §4.3; DDIM steps, DDIM Eqs. 12 and 16)
         data = self._sample()
+        # 2. one advantage A per trajectory: r normalized per prompt (ddpo-pytorch's tracker)
         adv = self.advantages(data["prompts"], data["rewards"])  # [N]
         if "kl" in data:
-            # step t's return also carries −α·Σ_{s>t} KL_s; its batch mean per step is a baseline
-            future = data["kl"].flip(1).cumsum(1).flip(1) - data["kl"]  # Σ_{s>t} KL_s, [N, T]
+            # 2b. (kl_in_return) step t's return also carries −α·Σ_{s>t} KL_s; its batch mean per
+            #     step is a baseline (docs/methods/policy_gradient.md, "The KL still to come")
+            future = kl_to_go(data["kl"])  # Σ_{s>t} KL_s, [N, T]
             adv = adv[:, None] - ctx.alpha * (future - future.mean(0, keepdim=True))  # [N, T]
         if cfg.adv_clip_max > 0:
             adv = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
         data["advantages"] = adv
         self.last_batch = data
+        # 3.-5. inner epochs of PPO-clip on (sample, timestep) pairs (DDPO_IS, §4.3)
+        info, ratio_first = self._update(data, adv)
+        return self._stats(data, adv, info, ratio_first)
+
+    def _update(self, data: dict[str, Any], adv: Tensor) -> tuple[dict[str, list[float]], float]:
+        """`num_inner_epochs` passes over the iteration's samples, one optimizer step per
+        accumulation group. Returns the logged diagnostics and max |ρ − 1| on the first group."""
+        cfg, ctx = self.cfg, self.ctx
         n = cfg.samples_per_iteration
         mb, accum, n_t = cfg.minibatch_size, cfg.gradient_accumulation_steps, self.n_train
         chunk = cfg.timesteps_per_pass or n_t
@@ -449,54 +325,67 @@ class DDPO(AlignmentMethod):
         first_group = True
         with ctx.clock("update"):
             for _ in range(cfg.num_inner_epochs):
-                # shuffle the samples, then each sample's time order independently (ddpo-pytorch)
+                # 3. shuffle the samples, then each sample's time order independently (ddpo-pytorch)
                 perm = torch.randperm(n, generator=self.generator)
                 tperm = torch.rand((n, self.eligible), generator=self.generator).argsort(1)[:, :n_t]
                 for g in range(0, n, mb * accum):
                     for m in range(g, g + mb * accum, mb):
                         rows = perm[m : m + mb]
                         for j in range(0, n_t, chunk):
-                            steps = tperm[m : m + mb, j : j + chunk]  # [mb, c] step indices
-                            c = steps.shape[1]
-                            r_idx = rows[:, None].expand(-1, c).reshape(-1).to(self.device)
-                            s_idx = steps.reshape(-1)
-                            d_idx = s_idx.to(self.device)
-                            x = data["latents"][r_idx, d_idx]
-                            x_next = data["latents"][r_idx, d_idx + 1]
-                            old = data["log_probs"][r_idx, d_idx]
-                            terms = recompute_transition(ctx.backbone, self.grid, ctx.sampler, x, x_next, s_idx,
-                                                         data["cond"][r_idx], reference=self.use_kl)
-                            log_ratio = reduce_dims(terms.log_prob, cfg.log_prob_reduce, self.dim) - old
-                            a_items = adv[r_idx, d_idx] if adv.dim() == 2 else adv[r_idx]
-                            per_item = ppo_clip_loss(log_ratio, a_items, cfg.clip_range)
-                            if self.use_kl:
-                                per_item = per_item + ctx.alpha * reduce_dims(terms.kl, self.kl_mode, self.dim)
-                                info["kl"].append(float(terms.kl.detach().mean()))
-                            (per_item.sum() / norm).backward()
-                            with torch.no_grad():
-                                ratio = log_ratio_stats(info, log_ratio, per_item, cfg.clip_range)
-                                if first_group:
-                                    ratio_first = max(ratio_first, float((ratio - 1.0).abs().max()))
+                            ratio = self._accumulate(data, adv, rows, tperm[m : m + mb, j : j + chunk], norm, info)
+                            if first_group:
+                                ratio_first = max(ratio_first, float((ratio - 1.0).abs().max()))
+                    # 5. one AdamW step per accumulation group (gradients averaged over ranks, clipped)
                     info["grad_norm"].append(optimizer_step(self.optimizer, self.params, cfg.grad_clip))
                     if first_group and ratio_first > RATIO_WARN:
                         log.warning("%s: |ratio − 1| = %.3g on the first accumulation group (expected 0): sampling and "
                                     "training log-probs disagree (batching, dtype or CFG)", self.name, ratio_first)
                     first_group = False
+        return info, ratio_first
+
+    def _accumulate(self, data: dict[str, Any], adv: Tensor, rows: Tensor, steps: Tensor, norm: int,
+                    info: dict[str, list[float]]) -> Tensor:
+        """4. Backpropagate the clipped surrogate (+ α·KL_t for ddpo-kl) of the (sample, timestep)
+        pairs rows × steps [mb, c], each weighted 1 / norm; returns their ratios ρ (detached)."""
+        cfg, ctx = self.cfg, self.ctx
+        c = steps.shape[1]
+        r_idx = rows[:, None].expand(-1, c).reshape(-1).to(self.device)
+        s_idx = steps.reshape(-1)
+        d_idx = s_idx.to(self.device)
+        x = data["latents"][r_idx, d_idx]
+        x_next = data["latents"][r_idx, d_idx + 1]
+        old = data["log_probs"][r_idx, d_idx]
+        # 4a. log π_θ(x_{t−1}|x_t, c) with gradient through μ_θ, and log ρ_t = log π_θ − log π_old
+        terms = recompute_transition(ctx.backbone, self.grid, ctx.sampler, x, x_next, s_idx,
+                                     data["cond"][r_idx], reference=self.use_kl)
+        log_ratio = reduce_dims(terms.log_prob, cfg.log_prob_reduce, self.dim) - old
+        a_items = adv[r_idx, d_idx] if adv.dim() == 2 else adv[r_idx]
+        # 4b. PPO's clipped surrogate (arXiv:1707.06347, Eq. 7), DDPO_IS's trust region
+        per_item = ppo_clip_loss(log_ratio, a_items, cfg.clip_range)
+        if self.use_kl:
+            # 4c. ddpo-kl: + α·KL_t(π_θ(·|x_t) ‖ π_ref(·|x_t)), reduced like the log-prob
+            per_item = per_item + ctx.alpha * reduce_dims(terms.kl, self.kl_mode, self.dim)
+            info["kl"].append(float(terms.kl.detach().mean()))
+        (per_item.sum() / norm).backward()
+        with torch.no_grad():
+            return log_ratio_stats(info, log_ratio, per_item, cfg.clip_range)
+
+    def _stats(self, data: dict[str, Any], adv: Tensor, info: dict[str, list[float]], ratio_first: float) -> dict[str, float]:
         r = data["rewards"]
         stats = {
             "train/reward": float(r.mean()),
             "train/reward_std": float(r.std(unbiased=False)),
             "train/advantage_abs": float(adv.abs().mean()),
-            "train/loss": _mean(info["loss"]),
+            "train/loss": mean_or_zero(info["loss"]),
             "train/ratio_first": ratio_first,
-            "train/ratio_mean": _mean(info["ratio"]),
-            "train/clipfrac": _mean(info["clipfrac"]),
-            "train/approx_kl": _mean(info["approx_kl"]),
-            "train/grad_norm": _mean(info["grad_norm"]),
+            "train/ratio_mean": mean_or_zero(info["ratio"]),
+            "train/clipfrac": mean_or_zero(info["clipfrac"]),
+            "train/approx_kl": mean_or_zero(info["approx_kl"]),
+            "train/grad_norm": mean_or_zero(info["grad_norm"]),
         }
         if self.use_kl:
-            stats["train/kl_step"] = _mean(info["kl"])
-            stats["train/kl_path_est"] = _mean(info["kl"]) * ctx.sampler.steps
+            stats["train/kl_step"] = mean_or_zero(info["kl"])
+            stats["train/kl_path_est"] = mean_or_zero(info["kl"]) * self.ctx.sampler.steps
         if "kl" in data:
             stats["train/kl_path"] = float(data["kl"].sum(1).mean())
         return stats

@@ -4,25 +4,28 @@ transition replay buffer.
 Fan, Watkins, Du, Liu, Ryu, Boutilier, Abbeel, Ghavamzadeh, Lee, Lee. "DPOK: Reinforcement Learning
 for Fine-tuning Text-to-Image Diffusion Models". NeurIPS 2023, arXiv:2305.16381. Official code:
 google-research/google-research, folder `dpok/` (`train_online_pg.py` @1d49f2c0,
-`pipeline_stable_diffusion_extended.py` @4c429948, `reward_model.py`, `README.md`;
-reference/baselines.md §5).
+`pipeline_stable_diffusion_extended.py` @4c429948, `reward_model.py`, and its README). Clipped
+surrogate: Schulman et al. 2017, arXiv:1707.06347, Eq. 7; DDIM step: Song et al., arXiv:2010.02502,
+Eqs. 12 and 16. The KL upper bound, its per-step form and the calibration are derived in
+docs/methods/policy_gradient.md; the pieces shared with DDPO live in methods/policy_gradient.py.
 
 Objective (as the paper states it and the code optimizes it): minimize over θ
 
     E[ −w·r(x_0, c) ] + α · Σ_t E[ KL( π_θ(·|x_t, c) ‖ π_pre(·|x_t, c) ) ],
 
-the per-step KL sum being an upper bound of KL(p_θ(x_0|c) ‖ p_pre(x_0|c)). Each iteration samples
-`rollouts_per_step` trajectories with the current policy, appends their T transitions (x_t, t,
-x_{t'}, log π_old, final reward) to a FIFO buffer, fits the value baseline V(x_t, c, t) to the final
-reward, and takes `policy_steps` optimizer steps, each accumulating `gradient_accumulation_steps`
-minibatches of `batch_size` random buffered transitions:
+the per-step KL sum being an upper bound of KL(p_θ(x_0|c) ‖ p_pre(x_0|c)) (chain rule of the KL
+plus data processing; docs/methods/policy_gradient.md, "The per-step KL bound"). Each iteration
+samples `rollouts_per_step` trajectories with the current policy, appends their T transitions
+(x_t, t, x_{t−1}, log π_old, final reward) to a FIFO buffer, fits the value baseline V(x_t, c, t)
+to the final reward, and takes `policy_steps` optimizer steps, each accumulating
+`gradient_accumulation_steps` minibatches of `batch_size` random buffered transitions:
 
-    loss = −w·A·ρ̃ + α·KL_t,   A = r − V(x_t, c, t),   ρ = π_θ(x_{t'}|x_t) / π_old(x_{t'}|x_t),
+    loss = −w·A·ρ̃ + α·KL_t,   A = r − V(x_t, c, t),   ρ = π_θ(x_{t−1}|x_t) / π_old(x_{t−1}|x_t),
 
-with ρ̃ PPO's clipped surrogate (`ratio="clip"`, default, the "PPO + KL" form of
-reference/baselines.md §5.5) or DPOK's plain clamp of ρ to 1 ± ε (`ratio="clamp"`, the code). Since
-transitions are drawn uniformly over t, both terms carry the same 1/T: at ρ = 1 the gradient is
-(1/T)·∇θ(w·E[r] − α·KL_path) (times 1/D with the per-element reductions).
+with ρ̃ PPO's clipped surrogate (`ratio="clip"`, default, the "PPO + KL" form of later code such
+as Flow-GRPO, arXiv:2505.05470) or DPOK's plain clamp of ρ to 1 ± ε (`ratio="clamp"`, the code).
+Since transitions are drawn uniformly over t, both terms carry the same 1/T: at ρ = 1 the gradient
+is (1/T)·∇θ(w·E[r] − α·KL_path) (times 1/D with the per-element reductions).
 
 Notation (paper / DPOK code -> code):
     α (reward weight), β (KL weight)  -> cfg.reward_weight (w), ctx.alpha (nats)
@@ -44,9 +47,8 @@ per-step one at the buffered states, as in the code: it omits the score term of 
 dependence on θ, so the fixed point is near p*, not at it. `kl_in_return=true` adds it: each
 transition's return becomes r − (α/w)·Σ_{s>t} KL_s (the KL its path still incurs, recorded by the
 rollout against the reference), which V then fits, making the gradient at ρ = 1 exactly that of
-w·E[r] − α·KL_path. The ε-MSE form equals the Gaussian KL
-only up to the per-step weight c_t²·D/(2σ_t²) (reference/baselines.md §0.1), so α is then not in
-nats.
+w·E[r] − α·KL_path. The ε-MSE form equals the Gaussian KL only up to the per-step weight
+c_t²·D/(2σ_t²) (docs/methods/policy_gradient.md, "DPOK's ε-MSE"), so α is then not in nats.
 
 Deliberate deviations from the official code:
 1. KL to the pretrained model is the exact Gaussian KL of the step means in nats by default; DPOK's
@@ -90,7 +92,7 @@ from bench.core.diffusion import draw_noise, rollout
 from bench.core.registry import METHODS
 from bench.core.method import AlignmentMethod, TrainContext
 from methods.common import check_choice, check_range, optimizer_step, require, sample_prompts
-from methods.ddpo import RATIO_WARN, log_ratio_stats, ppo_clip_loss, ratio_clamp_loss, recompute_transition, reduce_dims
+from methods.policy_gradient import RATIO_WARN, kl_to_go, log_ratio_stats, ppo_clip_loss, ratio_clamp_loss, recompute_transition, reduce_dims
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +326,7 @@ class PPOKL(AlignmentMethod):
                 r = ctx.reward(bb.decode(traj.x0), prompts).detach().float().to(self.device)
             ret = r[:, None].expand(n, T)  # [n, T]: the return of each transition
             if path_kl:
-                future = traj.kl.flip(1).cumsum(1).flip(1) - traj.kl  # Σ_{s>t} KL_s (nats)
+                future = kl_to_go(traj.kl)  # Σ_{s>t} KL_s (nats)
                 ret = ret - (ctx.alpha / cfg.reward_weight) * future
                 self.last_path_kl = float(traj.kl.sum(1).mean())
             # step-major order, as DPOK appends all trajectories' step i, then step i + 1, ...
@@ -343,7 +345,7 @@ class PPOKL(AlignmentMethod):
 
     def _ratio_check(self) -> float:
         """max |ρ − 1| on up to `batch_size` of this iteration's own transitions, before any update
-        (it must be 0: the same arithmetic as the sampler; reference/baselines.md §5.4)."""
+        (it must be 0: the sampler's arithmetic is reused; methods.policy_gradient.recompute_transition)."""
         buf, bb = self.buffer, self.ctx.backbone
         fresh = (buf.birth[: buf.size] == self.iteration).nonzero().squeeze(1).cpu()
         pick = torch.randperm(fresh.numel(), generator=self.generator)[: self.cfg.batch_size]
@@ -381,6 +383,7 @@ class PPOKL(AlignmentMethod):
 
     def train_step(self) -> dict[str, float]:
         cfg, ctx, bb, buf = self.cfg, self.ctx, self.ctx.backbone, self.buffer
+        # 1. T transitions of `rollouts_per_step` fresh trajectories of π_θ into the FIFO buffer
         fresh_r = self._collect()
         stats: dict[str, float] = {}
         if cfg.kl_in_return:
@@ -389,23 +392,28 @@ class PPOKL(AlignmentMethod):
         with ctx.clock("update"):
             stats["train/ratio_first"] = self._ratio_check()
             if self.value is not None:
+                # 2. fit the value baseline V(x_t, c, t) to the buffered returns (MSE; DPOK's ValueMulti)
                 stats["train/value_loss"] = self._value_update()
             use_kl = self.iteration >= cfg.kl_warmup
             surrogate = ppo_clip_loss if cfg.ratio == "clip" else ratio_clamp_loss
             accum = cfg.gradient_accumulation_steps
             for _ in range(cfg.policy_steps):
                 for _ in range(accum):
+                    # 3. a minibatch of buffered transitions (x_t, t, x_{t−1}, log π_old, return)
                     idx = self._draw(cfg.batch_size).to(self.device)
                     prompts = [buf.prompts[i] for i in idx.tolist()]
                     cond = bb.encode_prompts(prompts)
                     x, steps = buf.x[idx], buf.steps[idx]
+                    # 4. log π_θ(x_{t−1}|x_t, c) with gradient (DDIM Eqs. 12, 16), KL_t to π_pre, log ρ
                     terms = recompute_transition(bb, self.grid, ctx.sampler, x, buf.x_next[idx], steps, cond, reference=True)
                     log_ratio = reduce_dims(terms.log_prob, cfg.log_prob_reduce, self.dim) - buf.log_probs[idx]
+                    # 5. advantage w·A = w·(r − V(x_t, c, t)) (no gradient into V)
                     with torch.no_grad():
                         adv = buf.rewards[idx]
                         if self.value is not None:
                             adv = adv - self.value(x, cond, steps)
                         adv = cfg.reward_weight * adv
+                    # 6. loss = −w·A·ρ̃ + α·KL_t: ρ̃ clipped (PPO, arXiv:1707.06347, Eq. 7) or clamped (DPOK code)
                     per_item = surrogate(log_ratio, adv, cfg.clip_range)
                     kl = terms.kl if cfg.kl_form == "gaussian" else terms.eps_mse
                     kl_term = reduce_dims(kl, self.kl_mode, self.dim) if cfg.kl_form == "gaussian" else kl
@@ -413,9 +421,10 @@ class PPOKL(AlignmentMethod):
                         per_item = per_item + ctx.alpha * kl_term
                     (per_item.mean() / accum).backward()
                     with torch.no_grad():
-                        ratio = log_ratio_stats(info, log_ratio, per_item, cfg.clip_range)
+                        log_ratio_stats(info, log_ratio, per_item, cfg.clip_range)
                         info["kl"].append(float(terms.kl.detach().mean()))
                         info["adv"].append(float(adv.abs().mean()))
+                # 7. one AdamW step per `accum` minibatches (gradients averaged over ranks, clipped)
                 info["grad_norm"].append(optimizer_step(self.optimizer, self.params, cfg.grad_clip))
         self.iteration += 1
 

@@ -1,9 +1,10 @@
 """DRaFT: directly fine-tuning diffusion models on differentiable rewards.
 
 Clark, Vicol, Swersky, Fleet. "Directly Fine-Tuning Diffusion Models on Differentiable Rewards".
-ICLR 2024, arXiv:2309.17400. No official code was released (reference/baselines.md §1); the
-variants follow the paper, cross-checked against NVIDIA NeMo-Aligner's DRaFT+ and the DRaFT
-baselines of the SQDF code (Shin-woocheol/SQDF @68861b2, `T2I/sd_pipeline.py`).
+ICLR 2024, arXiv:2309.17400. No official code was released; the variants follow the paper,
+cross-checked against NVIDIA NeMo-Aligner's DRaFT+ (`megatron_sd_draftp_model.py`) and the DRaFT
+baselines of the SQDF code (Shin-woocheol/SQDF @68861b2, `T2I/sd_pipeline.py`). The DDIM step
+through which gradients flow: Song et al., arXiv:2010.02502, Eqs. 12 and 16.
 
 Objective: maximize E_{c, x_T, z}[ r(decode(x_0(θ))) ], the sampler being a deterministic function
 of θ once x_T and the per-step noises z are fixed, so ∇θ J = E[∂r/∂x_0 · dx_0/dθ] (the pathwise,
@@ -27,7 +28,7 @@ Notation (paper -> code):
 Deliberate deviations from the SQDF code's baselines:
 1. DRaFT-LV re-runs the denoiser with gradient on each re-noised copy, as the paper describes.
    The SQDF code reuses the detached last-step prediction (effectively DRaFT-1 on perturbed
-   copies; reference/sqdf.md §18.7).
+   copies, with no gradient from the re-noised inputs' own denoiser calls).
 2. The loss is −r (mean over the batch); the SQDF/AlignProp code minimizes |r − 10| for the
    aesthetic score, which equals −r only while r < 10.
 3. Early steps run under no_grad (NeMo) rather than detaching the denoiser output after a
@@ -48,7 +49,7 @@ from methods.common import adamw, check_range, optimizer_step, require, sample_p
 
 @dataclass(frozen=True)
 class DRaFTConfig:
-    """DRaFT hyperparameters (defaults: DRaFT-1 as the SQDF paper ran it on SD1.5, sqdf.md §10.1)."""
+    """DRaFT hyperparameters (defaults: DRaFT-1 as the SQDF paper's baseline on SD1.5, the SQDF T2I scripts)."""
 
     k: int = 1
     "truncation K: gradients flow through the last K sampling steps (K = T: full backprop)"
@@ -104,10 +105,13 @@ class DRaFT(AlignmentMethod):
         prompts = sample_prompts(ctx.prompts, B, self.generator)
         cond = bb.encode_prompts(prompts)
         null = bb.null_cond(cond)
+        # 1. the graph's constants: prompts, x_T and the per-step noises z (the reparameterization
+        #    that makes x_0 a deterministic, differentiable function of θ)
         x_T, z = draw_noise(self.generator, B, s.steps, bb.sample_shape)
         stats: dict[str, float] = {}
         if cfg.lv_copies:
-            # DRaFT-LV: x_0 without gradients, then n re-noised copies, one differentiable step each
+            # 2'. DRaFT-LV: x_0 without gradients, then n copies re-noised by the forward process to
+            #     the last step's level, one differentiable DDIM step each (DDIM Eq. 12); loss −Σ_j r(x_0^j)
             with ctx.clock("sampling"):
                 x0 = rollout(bb.policy, grid, cond, x_T, z, eta=s.eta, guidance=s.guidance, null_cond=null, keep_latents=False).x0
             with ctx.clock("update"):
@@ -129,15 +133,18 @@ class DRaFT(AlignmentMethod):
                 gnorm = optimizer_step(self.optimizer, self.params, cfg.grad_clip)
             r_mean = float(torch.stack(rewards).mean())
         else:
+            # 2. DRaFT-K: the sampler with gradient through its last K steps only
             mask = truncation_mask(s.steps, cfg.k, B)
             with ctx.clock("update"):
                 out = rollout_with_grad(
                     bb.policy, grid, cond, x_T, z, mask, eta=s.eta, guidance=s.guidance, null_cond=null,
                     reference=bb.reference if cfg.kl else None, kl="local" if cfg.kl else "none", checkpoint=cfg.checkpoint,
                 )
+                # 3. loss −E[r(decode(x_0))]: its gradient is the pathwise ∂r/∂x_0 · dx_0/dθ
                 r = ctx.reward(bb.decode(out.x0), prompts)
                 loss = -r.mean()
                 if cfg.kl:
+                    # 3b. DRaFT+KL: + α·Σ_t KL_t, each KL_t differentiated at its own step only
                     kl_path = out.kl.sum(1).mean()
                     loss = loss + ctx.alpha * kl_path
                     stats["train/kl_path"] = float(kl_path.detach())

@@ -3,8 +3,9 @@
 Uehara, Zhao, Black, Hajiramezanali, Scalia, Diamant, Tseng, Levine, Biancalani. "Feedback Efficient
 Online Fine-Tuning of Diffusion Models". ICML 2024, arXiv:2402.16359. Official code: zhaoyl18/SEIKO
 @947f9ad (`online/online_main.py`, `online/dataset.py`, `aesthetic_scorer.py`,
-`reward_aesthetic/train_bootstrap.py`); SQDF's BBO code (Shin-woocheol/SQDF @68861b2, `BBO/`) is a
-fork of it (reference/baselines.md §6, reference/sqdf.md §13).
+`reward_aesthetic/train_bootstrap.py`); SQDF's BBO code (Shin-woocheol/SQDF @68861b2, `BBO/`;
+Kang et al., ICLR 2026, arXiv:2512.04559) is a fork of it. The optimism bonuses and why they are
+optimistic: docs/methods/seiko_optimism.md.
 
 Setting. The true reward is a black-box oracle: it is only *queried*, on samples of the model, under
 a fixed total budget, and never differentiated. The budget is spent in R rounds whose sizes grow
@@ -37,7 +38,7 @@ Deliberate deviations from the official code:
    head (the code bootstraps it too); the validation MAE is only reported and used for
    `proxy_select="best"`.
 2. Model selection: the code means to keep the best-validation weights but stores a live
-   `state_dict()` reference, so it loads the final epoch's weights (sqdf.md §18.11). The faithful
+   `state_dict()` reference, so it loads the final epoch's weights. The faithful
    default is therefore `proxy_select="last"`; "best" keeps a real copy of the best weights.
 3. Dropout and the weight init draw from the method's generator (the code uses the global RNG).
 4. The UCB matrix (Σ + λI)⁻¹ is computed once per refit (the proxy is frozen within a round),

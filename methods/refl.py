@@ -2,7 +2,8 @@
 
 Xu, Liu, Wu, Tong, Li, Ding, Tang, Dong. "ImageReward: Learning and Evaluating Human Preferences for
 Text-to-Image Generation". NeurIPS 2023, arXiv:2304.05977. Official code: THUDM/ImageReward
-@c1392c6 (`ImageReward/ReFL.py::Trainer.train`, `scripts/train_refl.sh`); reference/baselines.md §2.
+@c1392c6 (`ImageReward/ReFL.py::Trainer.train`, `scripts/train_refl.sh`). One-step prediction:
+DDIM (Song et al. 2021, arXiv:2010.02502), Eq. 12's "predicted x_0" term.
 
 Objective (the released trainer): draw a step index k uniformly from a late window (the code: k ∈
 {30..39} of a 40-step chain, the last quarter), run steps 0..k−1 of the sampler WITHOUT gradients,
@@ -10,8 +11,8 @@ call the fine-tuned denoiser ONCE with gradient at step k and score its one-step
 
     x̂0 = (x_k − √(1−ᾱ_k) ε_θ(x_k, t_k, c)) / √ᾱ_k          (Tweedie / DDIM eq. 12)
 
-so ∇θ L = −∂r/∂x̂0 · ∂x̂0/∂θ is a single denoiser Jacobian (x_k is a constant). Loss per item:
-−r (default) or ReLU(λ − r) (`loss=hinge`, the code's hinge at λ = 2), times `loss_scale` (the
+so ∇θ L = −∂r/∂x̂0 · ∂x̂0/∂θ is a single denoiser Jacobian (x_k is a constant; the paper's
+Algorithm 1, ReFL step). Loss per item: −r (default) or ReLU(λ − r) (`loss=hinge`, the code's hinge at λ = 2), times `loss_scale` (the
 code's grad_scale 1e-3).
 
 Pretraining-loss regularizer (paper, Algorithm 1; omitted from the released code, issues #24, #88,
@@ -38,8 +39,8 @@ Deliberate deviations from the official code:
 3. The default loss is −r; the hinge ReLU(2 − r) is a switch (its threshold is a heuristic the
    authors did not explain, issue #83).
 4. SQDF's "refl" baseline takes its gradient step at k, then re-runs the UNet on x_{k+1} with
-   timestep t_k (an off-by-one, two differentiated calls; reference/sqdf.md §18.8): not
-   reproduced; this is the one-call ReFL of the ImageReward code.
+   timestep t_k (an off-by-one, two differentiated calls): not reproduced; this is the one-call
+   ReFL of the ImageReward code.
 5. No EMA of the weights (the code's --use_ema); evaluation uses the trained weights.
 6. k is drawn once per batch, as in the code (`random.randint` per training step).
 """
@@ -201,15 +202,19 @@ class ReFL(AlignmentMethod):
         cfg, ctx, bb = self.cfg, self.ctx, self.ctx.backbone
         stats: dict[str, float] = {}
         if cfg.pretrain_weight > 0:
+            # 1. (optional) the pretraining-loss step of the paper's Algorithm 1, on base-model samples
             stats["train/pretrain_loss"] = self.pretrain_step()
         B, T = cfg.batch_size, ctx.sampler.steps
         prompts = sample_prompts(ctx.prompts, B, self.generator)
         x_T, z = draw_noise(self.generator, B, T, bb.sample_shape)
+        # 2. one late step index k per batch, uniform on the window (the code: {30..39} of 40)
         k = int(torch.randint(self.k_lo, self.k_hi, (1,), generator=self.generator))
         total, rewards = 0.0, []
         with ctx.clock("update"):
             for sl in micro_batches(B, cfg.micro_batch):
+                # 3. steps 0..k−1 without gradient, then x̂0 = (x_k − √(1−ᾱ_k) ε_θ) / √ᾱ_k (DDIM Eq. 12)
                 x0, _ = self.x0_hat(prompts[sl], x_T[sl], z[sl], k)
+                # 4. loss_scale · ℓ(r(decode(x̂0))), ℓ = −r or ReLU(λ − r); one denoiser Jacobian
                 r = ctx.reward(bb.decode(x0), prompts[sl])
                 loss = self.refl_loss(r).mean() * ((sl.stop - sl.start) / B)
                 loss.backward()

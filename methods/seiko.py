@@ -3,8 +3,8 @@
 Uehara, Zhao, Black, Hajiramezanali, Scalia, Diamant, Tseng, Levine, Biancalani. "Feedback Efficient
 Online Fine-Tuning of Diffusion Models". ICML 2024, arXiv:2402.16359. Official code: zhaoyl18/SEIKO
 @947f9ad (`online/online_main.py`, `online/dataset.py`, `aesthetic_scorer.py`,
-`diffusers_patch/ddim_with_kl.py`, `config/{UCB,Bootstrap,Greedy,Non-adaptive}.py`);
-reference/baselines.md §6, reference/toy.md §4.3.
+`diffusers_patch/ddim_with_kl.py`, `config/{UCB,Bootstrap,Greedy,Non-adaptive}.py`). The optimism
+bonus, the round-wise KL and their derivation: docs/methods/seiko_optimism.md.
 
 Setting: the true reward is a black-box oracle (`ctx.reward`, e.g. gmm-trap's `gold-oracle`), queried
 only on model samples, under a total budget split over R rounds (1/2/4/8 of it for R = 4, SEIKO's
@@ -46,8 +46,8 @@ Deliberate deviations from the official code:
    rollout_with_grad kl="local"), at every step. The code differentiates the KL only at steps its
    truncation keeps and also through the states (the KL inherits the reward's truncation).
 3. The loss is −r by default; `loss=abs_target` gives the code's |r − 10|.
-4. The previous round's model is a parameter snapshot evaluated functionally instead of five UNet
-   copies (baselines.md §6.5); identical values.
+4. The previous round's model is a parameter snapshot evaluated functionally instead of one UNet
+   copy per round (the code keeps five); identical values.
 5. Truncation defaults to the code's per-step random draw (`per_step_legacy`, a shared integer in
    [0, 50] per step); the per-trajectory draw of AlignProp HEAD is the `uniform`/`gaussian` switch.
 6. Proxy, schedule and budget handling: methods/proxy.py's deviations (model selection "last" as
@@ -68,13 +68,13 @@ from bench.core.diffusion import DenoiserFn, draw_noise, rollout_with_grad
 from bench.core.registry import METHODS
 from methods.alignprop import check_reward_backprop_fields, check_truncation_for, draw_truncation, micro_batches, reward_loss
 from bench.core.method import AlignmentMethod, TrainContext
-from methods.common import adamw, check_choice, check_range, optimizer_step, require, sample_prompts
+from methods.common import adamw, check_choice, optimizer_step, require, sample_prompts
 from methods.proxy import OnlineConfig, OnlineRounds, check_online_fields, check_proxy_fields
 
 
 @dataclass(frozen=True)
 class SEIKOConfig(OnlineConfig):
-    """SEIKO hyperparameters (defaults: the official aesthetic configs, config/UCB.py; baselines.md §6.3)."""
+    """SEIKO hyperparameters (defaults: the official aesthetic configs, `config/UCB.py`)."""
 
     optimism: str = "auto"
     "auto (the registered variant's: ucb, bootstrap or none), ucb, bootstrap, or none"
@@ -204,6 +204,8 @@ class SEIKO(AlignmentMethod):
         cfg, ctx, bb = self.cfg, self.ctx, self.ctx.backbone
         stats: dict[str, float] = {}
         if self.online.due():
+            # 1.-2. a new round i: query the oracle on samples of p^(i−1), refit r̂ and its optimism
+            #       r̂⁺ (methods/proxy.py); p^(i−1) becomes the frozen KL reference
             stats.update(self.online.start_round())
             self._begin_round()
         B, T = cfg.batch_size, ctx.sampler.steps
@@ -213,6 +215,8 @@ class SEIKO(AlignmentMethod):
         total, terms = 0.0, []
         with ctx.clock("update"):
             for sl in micro_batches(B, cfg.micro_batch):
+                # 3. one update of max E_p[r̂⁺] − α·KL(P_p ‖ P^(i−1)) by truncated pathwise backprop,
+                #    the KL summed over steps (docs/methods/seiko_optimism.md, "The KL to the last round")
                 loss, t = self.loss(prompts[sl], x_T[sl], z[sl], mask[:, sl])
                 (loss * ((sl.stop - sl.start) / B)).backward()
                 total += float(loss.detach()) * (sl.stop - sl.start) / B

@@ -4,8 +4,10 @@ Kang*, Lee*, Shin*, Om, Park. "Diffusion Fine-Tuning via Reparameterized Policy 
 Soft Q-Function". ICLR 2026, arXiv:2512.04559. Official code: Shin-woocheol/SQDF @68861b2
 (`T2I/sd_pipeline.py`, `T2I/alignprop_trainer.py`, `BBO/online/sqdf_utils.py`).
 
-Objective (paper Eq. 16, as the code optimizes it; reference/sqdf.md §2.4–2.5). For a state x_t from
-the replay buffer D and a fresh reparameterized action x_{t−1} = μ_θ(x_t, t) + σ_t z:
+Objective (paper Eq. 16, as the code optimizes it; the derivation from the KL-regularized objective
+of Eq. 4, the soft-Q approximation and its discounting are in docs/methods/sqdf_soft_q.md). For a
+state x_t from the replay buffer D and a fresh reparameterized action x_{t−1} = μ_θ(x_t, t) + σ_t z
+(paper Eq. 12):
 
     L(θ) = E_{x_t∼D, z} [ −γ^{t−1} · r( f_ψ(x_{t−1}) ) + α · KL( p_θ(·|x_t) ‖ p′(·|x_t) ) ]
 
@@ -19,8 +21,9 @@ Notation (paper -> code):
     γ^{t−1} (steps left)        -> gamma ** n_k, n_k = T − 1 − k = grid.steps_left(k)
     μ_θ(x_t, t), σ_t            -> out.mean, out.std (bench.core.diffusion.ddim_step, η = sampler.eta)
     p′ (pretrained)             -> backbone.reference
-    f_ψ (consistency model)     -> backbone.consistency_x0 (x0_predictor="consistency"); the
-                                   one-step Tweedie x̂0 of p′ ("tweedie"); n-step DDIM of p′ ("ddim")
+    f_ψ (consistency model;     -> backbone.consistency_x0 (x0_predictor="consistency"); the
+      Song et al. 2023,            one-step Tweedie x̂0 of p′ ("tweedie"); n-step DDIM of p′ ("ddim")
+      arXiv:2303.01469)
     α · KL                      -> ctx.alpha · gaussian_kl(μ_θ, μ_ref, σ_k), nats (Σ dims, ½)
     D (replay buffer)           -> ReplayBuffer: FIFO ring of trajectories (inputs of all T steps)
 
@@ -38,8 +41,9 @@ Deliberate deviations from the official code (each a documented switch where it 
 4. Uniform replay draws trajectories without replacement and one k per item, as the code; the
    code's multi-GPU shared-filesystem buffer is an in-memory buffer here.
 5. On the mixture tasks the consistency model is the reference's exact probability-flow ODE
-   endpoint (a "perfect CM", reference/toy.md §4.3); on Stable Diffusion it is LCM-LoRA, mapped to
-   the nearest LCM timestep as in the code.
+   endpoint (a "perfect" consistency model, available in closed form there; see
+   docs/methods/sqdf_soft_q.md); on Stable Diffusion it is LCM-LoRA (Luo et al. 2023,
+   arXiv:2311.05556), mapped to the nearest LCM timestep as in the code.
 6. At the last step (n_k = 0) x̂0 is the sampled x', as in the code (for every predictor).
 """
 
@@ -59,7 +63,7 @@ from methods.common import adamw, check_choice, check_range, discount, optimizer
 
 @dataclass(frozen=True)
 class SQDFConfig:
-    """SQDF hyperparameters (defaults: the paper's small-scale aesthetic setting, sqdf.md §8.1)."""
+    """SQDF hyperparameters (defaults: the paper's small-scale aesthetic setting, the official T2I scripts)."""
 
     gamma: float = 0.9
     "discount γ ∈ (0, 1]: the soft-Q of step k is weighted by γ^{steps left}"
@@ -177,7 +181,8 @@ class SQDF(AlignmentMethod):
             idx = torch.randperm(buf.size, generator=self.generator)[:m]
             k = torch.randint(T, (m,), generator=self.generator)
             return buf.latents[idx, k], k, [buf.prompts[i] for i in idx.tolist()], torch.ones(m)
-        # prioritized ∝ priority(r_i) · γ^{n_k}, with replacement (sqdf.md §5.3)
+        # prioritized ∝ priority(r_i) · γ^{n_k}, with replacement (the BBO code's `reward+gamma_PER`;
+        # docs/methods/sqdf_soft_q.md, "Prioritized replay")
         r = buf.rewards[: buf.size]
         pr = (r - r.min() + 1e-6) if cfg.priority_shift == "min" else r.clamp(min=0)
         steps_left = T - 1 - torch.arange(T)
@@ -223,16 +228,18 @@ class SQDF(AlignmentMethod):
             null = bb.null_cond(cond)
             t = grid.timesteps[k]
             a, ap = grid.alpha_bars[k], grid.prev_alpha_bars[k]
-            # 1. policy step with gradient: μ_θ(x_t, t), and the reparameterized action (fresh z)
+            # 1. policy step with gradient: μ_θ(x_t, t) (DDIM mean, Song et al. arXiv:2010.02502, Eq. 12),
+            #    and the reparameterized action x_{t−1} = μ_θ + σ_t z with a fresh z (paper Eq. 12)
             eps = guided_eps(bb.policy, x, t, cond, null, ctx.sampler.guidance)
             z = torch.randn(x.shape, generator=self.generator)
             out = ddim_step(eps, x, a, ap, ctx.sampler.eta, noise=z)
-            # 2. reference mean at the same state (no parameter gradient) and the per-step KL (nats)
+            # 2. reference mean at the same state (no parameter gradient) and the per-step KL of
+            #    Eq. 16, KL(p_θ(·|x_t) ‖ p′(·|x_t)) = Σ_dims (μ_θ − μ_ref)² / (2σ_t²) (nats)
             with torch.no_grad():
                 eps_ref = guided_eps(bb.reference, x, t, cond, null, ctx.sampler.guidance)
                 mean_ref = ddim_step(eps_ref, x, a, ap, ctx.sampler.eta, noise=z).mean
             kl = gaussian_kl(out.mean, mean_ref, out.std)
-            # 3. soft-Q ≈ γ^{n_k} r(x̂0(x_{t−1})) (paper Eqs. 9, 15)
+            # 3. soft-Q ≈ γ^{n_k} r(x̂0(x_{t−1})) (paper Eqs. 9, 15), x̂0 by f_ψ (or Tweedie / DDIM)
             x0_hat = self._x0_hat(out.prev_sample, grid.prev_timesteps[k], cond)
             r = ctx.reward(bb.decode(x0_hat), prompts)
             steps_left = T - 1 - k

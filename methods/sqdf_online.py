@@ -4,7 +4,8 @@ Kang*, Lee*, Shin*, Om, Park. "Diffusion Fine-Tuning via Reparameterized Policy 
 Soft Q-Function". ICLR 2026, arXiv:2512.04559, §"online black-box optimization" (Table 1). Official
 code: Shin-woocheol/SQDF @68861b2 (`BBO/online/sqdf_cm_buffer_main.py`, `BBO/online/sqdf_utils.py`,
 `BBO/config/Bootstrap.py:aesthetic_sqdf_cm_buffer`, `BBO/aesthetic.sh`), a fork of SEIKO
-(Uehara et al., ICML 2024, arXiv:2402.16359); reference/sqdf.md §13.
+(Uehara et al., ICML 2024, arXiv:2402.16359). The SQDF update is derived in
+docs/methods/sqdf_soft_q.md, the optimistic proxy in docs/methods/seiko_optimism.md.
 
 The outer loop is SEIKO's (methods/proxy.py: OnlineRounds): R rounds of oracle queries (1/2/4/8 of
 the budget) on samples of the current model, a proxy refit on all labels so far, and an optimistic
@@ -23,7 +24,7 @@ Notation (paper/code -> here):
     num_samples [1024, 2048, 4096, 8192]  -> proxy.query_schedule(queries_total, rounds, round_growth)
     num_epochs × 2 updates per loop        -> updates_per_round (40)
     reward_opt = max_heads proxy(CLIP(x))  -> OnlineRounds.reward (features: task.proxy_features)
-    SQDF update (§9.1 b)                   -> self.inner.train_step() (methods.sqdf.SQDF)
+    SQDF update (paper Eq. 16)             -> self.inner.train_step() (methods.sqdf.SQDF)
     buffer_init_per_loop                   -> reset_buffer
     α (script: 1), γ 0.9, PER              -> ctx.alpha (nats), gamma, buffer_sampling="prioritized"
 
@@ -31,7 +32,7 @@ Deliberate deviations from the official code:
 1. The SQDF update itself carries methods/sqdf.py's deviations (KL in nats, so the script's α = 1
    is α_nats = 2/d; the PER priority shift for negative rewards, `priority_shift`; no reward mask).
 2. Every update collects `rollouts_per_step` fresh trajectories; the code collects 32 instead of
-   16 per GPU whenever `global_step % 20 == 0` (also mid-loop, sqdf.md §18.10).
+   16 per GPU whenever `global_step % 20 == 0` (also in the middle of a round).
 3. The proxy, schedule and budget follow methods/proxy.py (its deviations apply); the code's proxy
    uses the final-epoch weights, which is the default `proxy_select="last"`.
 4. Single process: the code's two GPUs and shared-filesystem buffer are one in-memory buffer with
@@ -54,7 +55,7 @@ from bench.core.reward import CountingReward
 
 @dataclass(frozen=True)
 class SQDFOnlineConfig(OnlineConfig):
-    """SQDF-online hyperparameters (defaults: SQDF's BBO script, sqdf.md §13.3)."""
+    """SQDF-online hyperparameters (defaults: SQDF's BBO script, `BBO/config/Bootstrap.py:aesthetic_sqdf_cm_buffer`)."""
 
     optimism: str = "bootstrap"
     "optimistic proxy: bootstrap (max over heads; the paper's SQDF-Bootstrap), ucb, or none"
@@ -140,8 +141,11 @@ class SQDFOnline(AlignmentMethod):
     def train_step(self) -> dict[str, float]:
         stats: dict[str, float] = {}
         if self.online.due():
+            # 1. a new round: query the oracle on the current model, refit the proxy and its
+            #    optimism r̂⁺ (methods/proxy.py), empty the buffer and rebuild AdamW
             stats.update(self.online.start_round())
             self._begin_round()
+        # 2. one SQDF update (paper Eq. 16) with r̂⁺ as the differentiable reward
         inner = self.inner.train_step()
         self.online.finish_update()
         inner["train/proxy_reward"] = inner.pop("train/reward")  # the fresh rollouts' r̂⁺, not the oracle

@@ -27,8 +27,9 @@ from bench.core.registry import METHODS
 from bench.core.task import SamplerConfig
 from bench.tasks.gmm import GMMConfig, Ring8Task
 from bench.core.method import TrainContext
-from methods.ddpo import DDPOConfig, PerPromptStatTracker, ppo_clip_loss, ratio_clamp_loss, recompute_transition
+from methods.ddpo import DDPOConfig
 from methods.dpok import PPOKLConfig, TransitionBuffer
+from methods.policy_gradient import PerPromptStatTracker, ppo_clip_loss, ratio_clamp_loss, recompute_transition
 from bench.core.reward import CountingReward
 
 T = 6
