@@ -206,3 +206,61 @@ def test_results_report_draws_one_line_and_one_sample_figure_per_table_row(tmp_p
     md = (out / "table.md").read_text()
     assert "[sqdf (gamma=0.9)](figures/gmm-ring8_quadratic_a1_sqdf_gamma-0.9_samples.png)" in md
     assert all(f"| {r} | 2 |" in md for r in rows)
+
+
+def test_bad_options_and_corrupt_run_files_are_one_line_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench plot`: an --out that is a file, unknown kinds or formats, no runs, or a corrupt
+    final.json, config.json, metrics.jsonl or samples.png stop it with one line (exit 2) naming
+    what is wrong and what is accepted, and leave the output folder unmade."""
+    from test_table import bench_error
+
+    root = tmp_path / "runs"
+    fake_runs(root, configs=(("draft", {}),))
+    out = tmp_path / "figs"
+    (tmp_path / "a-file").write_text("x")
+    assert "is an existing file" in bench_error(["plot", str(root), "--out", str(tmp_path / "a-file")], capsys)
+    assert (tmp_path / "a-file").read_text() == "x"
+    for fmt in ("eps", "nope", "png,jpg"):
+        assert "accepted: png, pdf, svg" in bench_error(["plot", str(root), "--out", str(out), "--format", fmt], capsys)
+    assert "known: training, pareto, curves, samples, queries" in bench_error(["plot", str(root), "--out", str(out), "--kind", "nosuch"], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "no finished runs" in bench_error(["plot", str(tmp_path / "empty"), "--out", str(out)], capsys)
+    run = sorted(root.glob("gmm-ring8/*/*/final.json"))[-1].parent
+    cases = [("final.json", "", "--kind", "samples"), ("metrics.jsonl", '{"iteration": 0, "eval/rew', "--kind", "curves"),
+             ("metrics.jsonl", "", "--kind", "training"), ("config.json", "{", "--kind", "pareto"), ("samples.png", "not a png", "--kind", "samples")]
+    for name, text, *opts in cases:
+        saved = (run / name).read_bytes()
+        (run / name).write_text(text)
+        err = bench_error(["plot", str(root), "--out", str(out), "--no-reference", *opts], capsys)
+        assert str(run / name) in err, err
+        (run / name).write_bytes(saved)
+    assert not out.exists()
+    assert plots.FIGURE_FORMATS == ("png", "pdf", "svg")
+
+
+def test_report_refuses_a_corrupt_metric_log_before_writing(tmp_path: Path) -> None:
+    import bench.app.report as report
+    from bench.app.table import load_results
+    from bench.core.errors import BenchError
+
+    root = tmp_path / "runs"
+    fake_runs(root, configs=(("draft", {}),))
+    results = load_results(sorted(q.parent for q in root.rglob("final.json")))
+    (Path(results[-1]["_dir"]) / "metrics.jsonl").write_text("{\n")
+    with pytest.raises(BenchError, match="metrics.jsonl: corrupt metric log"):
+        report.write_report("bad", results, root, tmp_path / "results")
+    assert not (tmp_path / "results").exists()
+
+
+def test_files_for_the_user_are_written_atomically() -> None:
+    """Tables, reports and figures go through bench.core.io (write_text, dump_json, save_figure,
+    atomic_write): no plain open(..., "w"), Path.write_text, savefig or copyfile in these modules."""
+    import re
+
+    import bench.app.report as report
+    import bench.app.table as table
+
+    for mod in (table, report, plots):
+        for i, line in enumerate(Path(mod.__file__).read_text().splitlines(), 1):
+            if re.search(r"\.write_text\(|\.write_bytes\(|\bopen\(|savefig\(|copyfile\(", line) and "atomic_write(" not in line:
+                pytest.fail(f"{mod.__name__}:{i} writes a file without bench.core.io: {line.strip()}")

@@ -208,6 +208,7 @@ def test_ablation_rows_name_only_what_differs_from_the_common_config() -> None:
                 {**base, "gamma": 0.9, "x0_predictor": "consistency"}, {**base, "use_buffer": False}]
     rs = [final("sqdf", s, VALUES["sqdf"][s], config=cfg) for cfg in variants for s in range(2)]
     labels = [line.split(" | ")[0].lstrip("| ") for line in make_table(rs, None, columns=COLUMNS).splitlines() if line.startswith("| sqdf")]
+    assert sorted(labels) == sorted(row_labels(rs))  # the one home of row labels (tables, figures, reports)
     assert labels == [
         "sqdf (ddim_steps=2, gamma=1.0, use_buffer=True, x0_predictor=tweedie)",  # the reference row lists every varying field
         "sqdf (gamma=0.9)",
@@ -216,3 +217,92 @@ def test_ablation_rows_name_only_what_differs_from_the_common_config() -> None:
         "sqdf (gamma=0.9, x0_predictor=consistency)",
         "sqdf (use_buffer=False)",
     ]
+
+
+# ---- bad input and corrupt run folders: one line naming the file, exit code 2 ---------------------------------
+
+
+def bench_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run `bench <argv>` through the entry point; assert exit code 2 and one line on stderr, and return it."""
+    import sys
+
+    from bench.app.cli import main
+
+    old = sys.argv
+    sys.argv = ["bench", *argv]
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+    finally:
+        sys.argv = old
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def write_runs(root: Path, rs: list[dict[str, Any]]) -> list[Path]:
+    dirs = []
+    for r in rs:
+        d = root / "gmm-ring8" / r["method"]["name"] / r["run"]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "final.json").write_text(json.dumps(r))
+        dirs.append(d)
+    return dirs
+
+
+@pytest.mark.parametrize("text, why", [
+    ("", "corrupt result file"),
+    ('{"schema": 1, "run": "x", "task": {"na', "corrupt result file"),
+    ("[1, 2]", "not a run result"),
+    ('{"schema": 1, "run": "x"}', "not a complete run result"),
+    ('{"schema": 99}', "unknown result schema"),
+])
+def test_corrupt_final_json_is_one_line_naming_the_file(text: str, why: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dirs = write_runs(tmp_path / "runs", runs())
+    (dirs[1] / "final.json").write_text(text)
+    with pytest.raises(BenchError, match=why):
+        load_results(dirs)
+    err = bench_error(["table", str(tmp_path / "runs"), "--no-reference"], capsys)
+    assert str(dirs[1] / "final.json") in err and why in err
+
+
+def test_table_format_and_missing_runs_are_refused_before_reading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert TABLE_FORMATS == ("markdown", "latex", "csv")
+    with pytest.raises(BenchError, match="unknown table format 'nope'; known: markdown, latex, csv"):
+        render_tables([], "nope")  # the format is checked before the runs
+    with pytest.raises(BenchError, match="unknown table format"):
+        make_table(runs(), None, fmt="nope", columns=COLUMNS)
+    write_runs(tmp_path / "runs", runs())
+    assert "markdown, latex, csv" in bench_error(["table", str(tmp_path / "runs"), "--format", "nope"], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "no finished runs" in bench_error(["table", str(tmp_path / "empty")], capsys)
+    assert "does not exist" in bench_error(["table", str(tmp_path / "nosuch")], capsys)
+    with pytest.raises(BenchError, match="no finished runs .* finish a run first"):
+        collect_runs([tmp_path / "empty"])
+    with pytest.raises(BenchError, match="does not exist"):
+        collect_runs([tmp_path / "nosuch"])
+
+
+@pytest.mark.parametrize("text, why", [("", "corrupt run config"), ("{", "corrupt run config"), ('{"task": "gmm-ring8"}', "not a run config"),
+                                       ('{"task": "nosuch", "method": "draft"}', "nosuch")])
+def test_corrupt_config_json_is_one_line_naming_the_file(text: str, why: str, tmp_path: Path) -> None:
+    dirs = write_runs(tmp_path / "runs", runs())
+    rs = load_results(dirs)
+    with pytest.raises(BenchError, match="config.json: no such file; the run folder is incomplete"):
+        read_run_config(rs[0])
+    (dirs[0] / "config.json").write_text(text)
+    with pytest.raises(BenchError, match=why) as e:
+        render_tables(rs)  # the reference rows come from the first run's config
+    assert str(e.value).startswith(str(dirs[0] / "config.json")) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, why", [(None, "missing or empty"), ("", "missing or empty"), ('{"iteration": 0}\n{"eval/re', "corrupt metric log"),
+                                       ("[1]\n", "not a metric log")])
+def test_corrupt_metric_log_is_one_line_naming_the_file(text: str | None, why: str, tmp_path: Path) -> None:
+    r = load_results(write_runs(tmp_path / "runs", runs()[:1]))[0]
+    if text is not None:
+        (Path(r["_dir"]) / "metrics.jsonl").write_text(text)
+    with pytest.raises(BenchError, match=why) as e:
+        read_metric_log(r)
+    assert str(e.value).startswith(str(Path(r["_dir"]) / "metrics.jsonl"))

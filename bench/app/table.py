@@ -70,10 +70,6 @@ def collect_runs(paths: Iterable[Path]) -> list[dict[str, Any]]:
     return results
 
 
-def find_runs(root: Path) -> list[Path]:
-    return sorted(p.parent for p in Path(root).glob("*/*/*/final.json"))
-
-
 def read_run_config(run: dict[str, Any]) -> RunConfig:
     """The resolved RunConfig of a run (its folder's config.json).
 
