@@ -74,7 +74,7 @@ def _long_functions_of(path: Path) -> list[str]:
     return [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > MAX_LINES]
 
 
-OUTSIDE_NOTES = re.compile(r"\breference/|\b(sqdf|baselines|deps|toy|anchors|methods2026|aesthetics)\.md\b")
+OUTSIDE_NOTES = re.compile(r"(?<![-\w])reference/|\b(sqdf|baselines|deps|toy|anchors|methods2026|aesthetics)\.md\b")
 MD_PATH = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)+[\w.-]+\.md)\b")  # a path (with a folder): output names like table.md are not citations
 
 
