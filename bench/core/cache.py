@@ -1,24 +1,28 @@
 """On-disk cache of artifacts that are expensive to rebuild (pretrained bases, fitted judges).
 
 Entries are keyed by a hash of the config that produced them, so a changed config rebuilds. Writes
-are atomic (temporary file + rename); a file that fails to load is reported and rebuilt, never a
-crash deep inside torch.
+are atomic (temporary file + rename) and hold only tensors and plain values; reads use the safe
+loader (`bench.core.io.safe_torch_load`), so an entry never runs code. A file that fails to load
+(corrupt, foreign, or holding other objects) is reported and rebuilt, never a crash deep inside torch.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import logging
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-import torch
-
-from bench.core.io import atomic_torch_save
+from bench.core.io import atomic_torch_save, safe_torch_load, unsafe_globals
 
 log = logging.getLogger(__name__)
+
+_progress: contextvars.ContextVar[bool | None] = contextvars.ContextVar("bench_cache_progress", default=None)
 
 
 def cache_dir() -> Path:
@@ -31,29 +35,53 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@contextmanager
+def show_progress(enabled: bool | None) -> Iterator[None]:
+    """Within this block, `cached` announces the entries it builds on stderr (True), stays silent
+    (False, e.g. `--quiet`), or announces them only when stderr is a terminal (None, the default)."""
+    token = _progress.set(enabled)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
+
 def cached(kind: str, config: dict[str, Any], build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Load the artifact for (kind, config) from the cache, or build and store it.
 
     Args:
         kind: a folder name, e.g. "digits-base".
-        config: everything the artifact depends on (hashed; stored beside it for inspection).
-        build: returns a dict of tensors/plain values (saved with torch.save).
+        config: everything the artifact depends on (hashed; stored beside it, as JSON values, for inspection).
+        build: returns a dict of tensors and plain values (no other objects: see bench.core.io.check_plain).
     """
     h = config_hash(config)
     path = cache_dir() / kind / f"{h}.pt"
     if path.exists():
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = safe_torch_load(path)
             if not isinstance(obj, dict) or obj.get("__config_hash__") != h:
                 raise ValueError("content does not match its key")
             return obj
-        except Exception as e:  # corrupt or foreign file: rebuild
-            log.warning("cache file %s is unreadable (%s: %s); rebuilding it", path, type(e).__name__, e)
+        except Exception as e:  # corrupt, foreign or unsafe file: rebuild (never unpickled beyond tensors and plain values)
+            unsafe = unsafe_globals(path)
+            why = f"holds objects that are not loaded: {', '.join(unsafe[:3])}" if unsafe else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("cache file %s is unreadable (%s); rebuilding it", path, why)
+    _announce(f"bench: building the {kind} cache entry once (stored in {path})")
     obj = dict(build())
     obj["__config_hash__"] = h
-    obj["__config__"] = config
+    obj["__config__"] = json.loads(json.dumps(config, sort_keys=True, default=str))
     atomic_torch_save(obj, path)
     return obj
+
+
+def _announce(line: str) -> None:
+    """One line on stderr above any progress bar (tqdm.write), as `show_progress` allows."""
+    enabled = _progress.get()
+    if enabled is False or (enabled is None and not sys.stderr.isatty()):
+        return
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
 
 
 def cache_path(kind: str, config: dict[str, Any]) -> Path:
