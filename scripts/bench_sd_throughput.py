@@ -5,19 +5,32 @@ rank 4 on the attention projections; random init, nothing downloaded), a full-si
 reward (CLIP ViT-L/14 vision tower + MLP, random init) and runs, at 512², 50 DDIM steps, η = 1,
 CFG 5, in fp16 (or bf16):
 
-* sampling: images/s of the no-grad 50-step CFG sampler plus VAE decode, at a few batch sizes;
-* one update of each registered method among SQDF, DRaFT-1, ReFL and DDPO (their own train_step,
-  through the same backbone the sd15 task builds): wall time split into the runner's phases
-  (sampling, reward, update) and the peak GPU memory, at a few batch sizes (batch = rollouts
-  and transitions per update); a method that is not registered is skipped with a note;
+* matmul peak (`--matmul-n N`): the GPU's achieved dense matmul rate in the run's dtype, timed on
+  one N³ product (mean of 10 after 3 warm-ups), the measured ceiling the sampler is set against
+  (the data-sheet peak is kept as a second reference);
+* sampling: images/s of the no-grad 50-step CFG sampler plus VAE decode, at a few batch sizes; with
+  `--compare-diffusers`, diffusers' `StableDiffusionPipeline` built from the SAME modules (UNet with
+  the same LoRA, VAE, text encoder, tokenizer) and a DDIMScheduler with SD1.5's settings runs the
+  same batches in the same process, interleaved with ours (ABBA order), each after a short warm-up
+  at the same shapes;
+* one update of each method (`--methods all`: every registered one; default SQDF, DRaFT-1, ReFL,
+  DDPO; their own train_step, through the same backbone the sd15 task builds): wall time split into
+  the runner's phases (sampling, reward, update) and the peak GPU memory, at a few batch sizes
+  (batch = rollouts and transitions per update), all methods at the smallest batch first; a method
+  that is not registered, or that fails (out of memory, an online method that needs its task's
+  oracle features), is recorded and the others go on;
 * the UNet's FLOPs per call (torch.utils.flop_counter), so that the sampler's achieved FLOP/s can
-  be set against the GPU's peak.
+  be set against the peak.
 
-Writes results/benchmarks/sd15_throughput_<device>.json and .md.
+`--budget S` gives the whole run S seconds: each phase gets a deadline (a SIGALRM stops a
+measurement that outruns it), a measurement whose estimate does not fit is skipped, and both are
+recorded. The JSON and Markdown are rewritten after every measurement, so a killed run leaves what
+it measured. Writes <out>/sd15_throughput_<device>.json and .md (`--out`, default results/benchmarks).
 
     python scripts/bench_sd_throughput.py                       # GPU, fp16, batch sizes 1,2,4
     python scripts/bench_sd_throughput.py --dtype bf16 --batch-sizes 1,4,8
     python scripts/bench_sd_throughput.py --tiny                # CPU smoke run on the tiny models
+    bash scripts/gpu_check.sh                                   # the whole GPU check (see its header)
 
 `--tiny` swaps in the tiny test models (bench/tasks/sd_utils.py) at 10 steps on the CPU: those numbers
 only show that the script works; they say nothing about SD1.5 throughput.
@@ -26,15 +39,19 @@ only show that the script works; they say nothing about SD1.5 throughput.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -43,6 +60,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.core.clock import PhaseClock  # noqa: E402
 from bench.core.diffusion import draw_noise, rollout  # noqa: E402
+from bench.core.io import write_text  # noqa: E402
 from bench.core.provenance import snapshot  # noqa: E402
 from bench.core.registry import METHODS  # noqa: E402
 from bench.core.task import SamplerConfig  # noqa: E402
@@ -57,6 +75,8 @@ PEAK_TFLOPS = {  # dense tensor-core peak, fp16/bf16 with fp32 accumulate (vendo
 }
 "GPU name fragment -> peak dense fp16/bf16 TFLOP/s (first match wins; more specific names first)"
 
+PROMPT = "a photo of a cat"
+
 
 def peak_tflops(name: str) -> float | None:
     for frag, tf in PEAK_TFLOPS.items():
@@ -64,6 +84,57 @@ def peak_tflops(name: str) -> float | None:
             return tf
     return None
 
+
+# ---- deadlines -----------------------------------------------------------------------------------
+
+
+class PhaseTimeout(BaseException):
+    """A measurement ran past its deadline (a BaseException, so that no library's `except Exception`
+    swallows it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise PhaseTimeout in the enclosed code after `seconds` (SIGALRM; main thread only, else no limit).
+    A running C/CUDA call finishes first: the limit is checked between Python bytecodes."""
+    usable = seconds is not None and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+    assert seconds is not None
+    if seconds <= 0:
+        raise PhaseTimeout("no time left")
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise PhaseTimeout(f"stopped at its {seconds:.0f} s deadline")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@dataclass
+class Budget:
+    """The run's wall-clock allowance: `end` on the monotonic clock, or None (no limit)."""
+
+    end: float | None = None
+
+    def left(self) -> float:
+        return math.inf if self.end is None else self.end - time.monotonic()
+
+    def share(self, frac: float) -> "Budget":
+        """A phase budget: `frac` of what is left now."""
+        return Budget(None if self.end is None else time.monotonic() + frac * max(self.left(), 0.0))
+
+    def limit(self, cap: float | None = None) -> float | None:
+        """Seconds one measurement may take: what is left, at most `cap`."""
+        left = self.left()
+        lim = min(left, cap) if cap else left
+        return None if math.isinf(lim) else lim
 
 # ---- models --------------------------------------------------------------------------------------
 
@@ -158,28 +229,151 @@ def sd15_meta_flops(steps: int) -> dict[str, float]:
             "unet_params_millions": sum(p.numel() for p in unet.parameters()) / 1e6}
 
 
-def time_sampling(backbone: Any, sampler: SamplerConfig, batch: int, repeats: int, device: torch.device) -> dict[str, Any]:
-    """Images/s of the no-grad CFG sampler + VAE decode (policy UNet with its LoRA, as in training)."""
-    grid = backbone.schedule.grid(sampler.steps)
-    g = torch.Generator().manual_seed(0)
-    cond = backbone.encode_prompts(["a photo of a cat"] * batch)
+def matmul_peak(device: torch.device, n: int, dtype: torch.dtype, warmup: int = 3, repeats: int = 10) -> dict[str, Any]:
+    """Achieved dense matmul rate: one n×n @ n×n product (2n³ FLOP) in `dtype`, timed `repeats`
+    times after `warmup` untimed ones (CUDA events on a GPU); the mean time gives `tflops`."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    for _ in range(warmup):
+        torch.matmul(a, b)
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.matmul(a, b)
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - t0)
+    flop = 2.0 * n**3
+    mean = sum(times) / len(times)
+    del a, b
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "warmup": warmup, "repeats": repeats, "seconds_mean": mean,
+            "tflops": flop / mean / 1e12, "tflops_best": flop / min(times) / 1e12, "tflops_worst": flop / max(times) / 1e12}
 
-    def once() -> None:
-        x_T, z = draw_noise(g, batch, sampler.steps, backbone.sample_shape)
-        traj = rollout(backbone.policy, grid, cond, x_T, z, eta=sampler.eta, guidance=sampler.guidance,
-                       null_cond=backbone.null_cond(cond), keep_latents=False)
+
+def diffusers_pipeline(backbone: Any) -> Any:
+    """diffusers' StableDiffusionPipeline over the backbone's own modules (the UNet keeps its LoRA,
+    so both samplers run the same network) and a DDIMScheduler with SD1.5's settings
+    (bench/tasks/sd_utils.py: sd15_schedule)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from bench.tasks.sd_utils import quiet_diffusers
+
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                          prediction_type="epsilon")
+    with quiet_diffusers():
+        pipe = StableDiffusionPipeline(vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer,
+                                       unet=backbone.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def schedules_agree(backbone: Any, pipe: Any, steps: int) -> bool:
+    """Whether the pipeline's DDIM timesteps and ᾱ equal the ones our sampler uses."""
+    grid = backbone.schedule.grid(steps)
+    pipe.scheduler.set_timesteps(steps)
+    ts = pipe.scheduler.timesteps.cpu().long()
+    ac = pipe.scheduler.alphas_cumprod.double()
+    return bool(torch.equal(ts, grid.timesteps.cpu().long())
+                and torch.allclose(ac[ts], grid.alpha_bars.cpu().double(), rtol=1e-6, atol=0))
+
+
+def bench_sampler(backbone: Any, sampler: SamplerConfig, batch: int) -> Callable[[int], None]:
+    """One call = our training-time sampler: noise from a CPU generator, the CFG rollout with the
+    policy (UNet + LoRA), VAE decode to [0, 1] images."""
+    g = torch.Generator().manual_seed(0)
+
+    def run(steps: int) -> None:
+        cond = backbone.encode_prompts([PROMPT] * batch)  # cached per prompt after the first call
+        x_T, z = draw_noise(g, batch, steps, backbone.sample_shape)
+        traj = rollout(backbone.policy, backbone.schedule.grid(steps), cond, x_T, z, eta=sampler.eta,
+                       guidance=sampler.guidance, null_cond=backbone.null_cond(cond), keep_latents=False)
         with torch.no_grad():
             backbone.decode(traj.x0)
 
-    once()  # warm-up (kernels, allocator)
-    reset_peak(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        once()
-    sync(device)
-    dt = (time.perf_counter() - t0) / repeats
-    return {"batch": batch, "seconds_per_batch": dt, "images_per_s": batch / dt, "peak_gib": peak_gib(device)}
+    return run
 
+
+def diffusers_sampler(pipe: Any, backbone: Any, sampler: SamplerConfig, batch: int, device: torch.device) -> Callable[[int], None]:
+    """One call = StableDiffusionPipeline(prompt, η, CFG, steps) to [0, 1] image tensors."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def run(steps: int) -> None:
+        pipe([PROMPT] * batch, height=backbone.resolution, width=backbone.resolution, num_inference_steps=steps,
+             guidance_scale=sampler.guidance, eta=sampler.eta, generator=g, output_type="pt")
+
+    return run
+
+
+def time_samplers(runners: dict[str, Callable[[int], None]], steps: int, batch: int, repeats: int,
+                  warmup_steps: int, device: torch.device) -> dict[str, dict[str, Any]]:
+    """Images/s of each sampler at one batch size, in the same process: one warm-up call each at the
+    same shapes (`warmup_steps` steps), then `repeats` timed calls each, interleaved A B B A …"""
+    for run in runners.values():
+        run(warmup_steps)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    peaks: dict[str, float | None] = {k: None for k in runners}
+    for r in range(repeats):
+        order = list(runners) if r % 2 == 0 else list(reversed(runners))
+        for name in order:
+            reset_peak(device)
+            t0 = time.perf_counter()
+            runners[name](steps)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+            p = peak_gib(device)
+            peaks[name] = p if peaks[name] is None else max(peaks[name] or 0.0, p or 0.0)
+    out = {}
+    for name, ts in times.items():
+        dt = sum(ts) / len(ts)
+        out[name] = {"batch": batch, "seconds_per_batch": dt, "images_per_s": batch / dt, "peak_gib": peaks[name],
+                     "seconds_each": ts}
+    return out
+
+
+def time_sampling(backbone: Any, sampler: SamplerConfig, batch: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    """Images/s of our sampler alone (full-length warm-up), as earlier versions of this script."""
+    return time_samplers({"bench": bench_sampler(backbone, sampler, batch)}, sampler.steps, batch, repeats,
+                         sampler.steps, device)["bench"]
+
+
+def sampling_phase(backbone: Any, sampler: SamplerConfig, batches: list[int], args: argparse.Namespace, device: torch.device,
+                   budget: Budget, res: dict[str, Any], save: Callable[[], None]) -> None:
+    """Fill res["sampling"] (ours) and, with --compare-diffusers, res["sampling_diffusers"], smallest
+    batch first; a batch size whose estimate (last one's time scaled by the batch) does not fit is skipped."""
+    pipe = diffusers_pipeline(backbone) if args.compare_diffusers else None
+    if pipe is not None:
+        res["settings"]["diffusers_schedule_matches"] = schedules_agree(backbone, pipe, sampler.steps)
+        res["sampling_diffusers"] = []
+    warm = min(args.warmup_steps, sampler.steps)
+    last: tuple[int, float] | None = None
+    for b in batches:
+        runners = {"bench": bench_sampler(backbone, sampler, b)}
+        if pipe is not None:
+            runners["diffusers"] = diffusers_sampler(pipe, backbone, sampler, b, device)
+        est = None if last is None else last[1] * b / last[0]
+        if est is not None and est > budget.left():
+            rows: dict[str, Any] = {k: {"skipped": f"estimated {est:.0f} s, {max(budget.left(), 0):.0f} s left"} for k in runners}
+        else:
+            t0 = time.perf_counter()
+            rows = guarded_many(lambda: time_samplers(runners, sampler.steps, b, args.repeats, warm, device), list(runners),
+                                device, budget.limit(args.measure_cap))
+            last = (b, time.perf_counter() - t0)
+        res["sampling"].append({"batch": b, **rows["bench"]})
+        if pipe is not None:
+            res["sampling_diffusers"].append({"batch": b, **rows["diffusers"]})
+        print(f"sampling b={b}: " + "; ".join(f"{k}: {_brief(v)}" for k, v in rows.items()), flush=True)
+        save()
+    del pipe
 
 def method_config(name: str, batch: int) -> Any:
     """The method's defaults (the paper's settings) with the batch fields set to `batch`."""
@@ -195,14 +389,22 @@ def method_config(name: str, batch: int) -> Any:
 
 
 def time_method(name: str, backbone: Any, reward: Any, sampler: SamplerConfig, batch: int, repeats: int,
-                device: torch.device) -> dict[str, Any]:
-    """Seconds per train_step (split by phase) and peak memory of one registered method."""
+                device: torch.device, warmup: int = 1, progress: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Seconds per train_step (split by phase) and peak memory of one registered method, after
+    `warmup` untimed steps (the first one also loads kernels and, for SQDF, its LCM UNet). The
+    warm-up's time also goes to `progress` as soon as it is known (kept if the timed steps fail)."""
     from bench.core.method import TrainContext
 
     clock = PhaseClock()
-    ctx = TrainContext(backbone, CountingReward(reward, clock), ["a photo of a cat", "a dog"], 2.44e-4, sampler, 0, clock, None)
+    ctx = TrainContext(backbone, CountingReward(reward, clock), [PROMPT, "a dog"], 2.44e-4, sampler, 0, clock, None)
     method = METHODS.get(name)(method_config(name, batch), ctx)
-    method.train_step()  # warm-up; SQDF also loads its LCM UNet here
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        method.train_step()
+    sync(device)
+    warm_s = time.perf_counter() - t0
+    if progress is not None and warmup:
+        progress.update(warmup_steps=warmup, warmup_seconds=warm_s)
     reset_peak(device)
     clock.seconds.clear()
     t0 = time.perf_counter()
@@ -213,21 +415,83 @@ def time_method(name: str, backbone: Any, reward: Any, sampler: SamplerConfig, b
     dt = (time.perf_counter() - t0) / repeats
     phases = {k: v / repeats for k, v in clock.state_dict().items()}
     del method
-    return {"batch": batch, "seconds_per_update": dt, "phases": phases, "peak_gib": peak_gib(device)}
+    return {"batch": batch, "seconds_per_update": dt, "phases": phases, "peak_gib": peak_gib(device),
+            "warmup_steps": warmup, "warmup_seconds": warm_s, "repeats": repeats}
 
 
-def guarded(fn: Callable[[], dict[str, Any]], device: torch.device) -> dict[str, Any]:
-    """Run a measurement; an out-of-memory error becomes a row instead of a crash."""
+def guarded(fn: Callable[[], dict[str, Any]], device: torch.device, limit: float | None = None) -> dict[str, Any]:
+    """Run a measurement within `limit` seconds; a timeout, an out-of-memory error or any other
+    failure becomes a row instead of a crash."""
     try:
-        return fn()
+        with time_limit(limit):
+            return fn()
+    except PhaseTimeout as e:
+        return {"error": f"timed out: {e}"}
     except torch.OutOfMemoryError:
         return {"error": "out of memory"}
     except Exception as e:  # record and go on with the next measurement
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "trace": traceback.format_exc(limit=3)}
     finally:
+        gc.collect()
         if device.type == "cuda":
+            torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
 
+
+def guarded_many(fn: Callable[[], dict[str, dict[str, Any]]], keys: list[str], device: torch.device,
+                 limit: float | None) -> dict[str, dict[str, Any]]:
+    """`guarded` for a measurement that returns one row per key (a failure is copied to every key)."""
+    box: dict[str, Any] = {}
+
+    def one() -> dict[str, Any]:
+        box.update(fn())
+        return {}
+
+    err = guarded(one, device, limit)
+    return {k: dict(err) if err else box[k] for k in keys}
+
+
+def methods_phase(names: list[str], backbone: Any, reward: Any, sampler: SamplerConfig, batches: list[int],
+                  args: argparse.Namespace, device: torch.device, budget: Budget, res: dict[str, Any],
+                  save: Callable[[], None]) -> None:
+    """Fill res["methods"][name] with one row per batch size: every method at the smallest batch
+    first, then the next batch (the cheapest methods first), so that a short budget still covers every method once. A method
+    warms up (`--method-warmup` steps) at its first batch only; a batch whose estimate (the method's
+    last time scaled by the batch) does not fit, or that follows a timeout or out-of-memory error,
+    is recorded as skipped."""
+    last: dict[str, tuple[int, float]] = {}
+    stop: dict[str, str] = {}
+    for name in names:
+        res["methods"][name] = []
+    for i, b in enumerate(batches):
+        order = names if i == 0 else sorted(names, key=lambda n: last[n][1] if n in last else math.inf)  # cheapest first
+        for name in order:
+            warm = args.method_warmup if name not in last else 0
+            est = None if name not in last else last[name][1] * b / last[name][0] * (args.method_repeats + warm) / args.method_repeats
+            if name in stop:
+                row: dict[str, Any] = {"skipped": stop[name]}
+            elif budget.left() < 1 or (est is not None and est > budget.left()):
+                why = f"estimated {est:.0f} s, " if est is not None else ""
+                row = {"skipped": f"{why}{max(budget.left(), 0):.0f} s left in the phase"}
+            else:
+                progress: dict[str, Any] = {}
+                row = guarded(lambda: time_method(name, backbone, reward, sampler, b, args.method_repeats, device, warm, progress),
+                              device, budget.limit(args.measure_cap))
+                row = {**progress, **row}
+            for p in backbone.trainable_parameters():
+                p.grad = None
+            if "seconds_per_update" in row:
+                last[name] = (b, row["seconds_per_update"])
+            elif row.get("error", "").startswith(("timed out", "out of memory")):
+                stop[name] = f"after {row['error']!r} at batch {b}"
+            res["methods"][name].append({"batch": b, **row})
+            print(f"{name} b={b}: {_brief(row)}", flush=True)
+            save()
+
+
+def _brief(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                     if k not in ("trace", "phases", "seconds_each"))
 
 # ---- report --------------------------------------------------------------------------------------
 
@@ -238,17 +502,31 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     if s["tiny"]:
         lines += ["**CPU smoke run on the tiny test models (`--tiny`): these numbers only show that the script runs; "
                   "they say nothing about SD1.5 throughput.**", ""]
+    end = s.get("load_average_at_end") or s["load_average_at_start"]
     lines += [f"Models: {s['models']}. {s['resolution']}² images, {s['steps']} DDIM steps, η = {s['eta']}, CFG {s['guidance']}, "
               f"LoRA rank {s['lora_rank']}, {s['dtype']}, gradient checkpointing of UNet and VAE decoder on. "
-              f"Mean of {s['repeats']} repeats after one warm-up. Generated at git `{res['provenance']['git_sha']}` "
-              f"({res['provenance']['time']}, torch {res['provenance']['versions'].get('torch')}, {s['torch_threads']} CPU threads, "
-              f"load average {s['load_average_at_start'][0]:.1f} at the start, {s['load_average_at_end'][0]:.1f} at the end).", ""]
+              f"Sampling: mean of {s['repeats']} repeats after a warm-up; updates: mean of {s.get('method_repeats', s['repeats'])} "
+              f"after {s.get('method_warmup', 1)} warm-up step(s) at each method's first batch. Generated at git "
+              f"`{res['provenance']['git_sha']}` ({res['provenance']['time']}, torch {res['provenance']['versions'].get('torch')}, "
+              f"diffusers {res['provenance']['versions'].get('diffusers')}, {s['torch_threads']} CPU threads, load average "
+              f"{s['load_average_at_start'][0]:.1f} at the start, {end[0]:.1f} at the end).", ""]
+    lines += _flops_lines(res) + _sampling_lines(res) + _method_lines(res) + _phase_lines(res)
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def _flops_lines(res: dict[str, Any]) -> list[str]:
     f = res["flops"]
-    lines += [f"UNet: {f['unet_gflops_per_row']:.4g} GFLOP per row (one CFG step of one image = 2 rows); VAE decode "
-              f"{f['vae_decode_gflops']:.4g} GFLOP per image; sampling one image = {f['sampling_gflops_per_image']:.4g} GFLOP "
-              "(torch.utils.flop_counter; a multiply-add counts 2)."]
+    lines = [f"UNet: {f['unet_gflops_per_row']:.4g} GFLOP per row (one CFG step of one image = 2 rows); VAE decode "
+             f"{f['vae_decode_gflops']:.4g} GFLOP per image; sampling one image = {f['sampling_gflops_per_image']:.4g} GFLOP "
+             "(torch.utils.flop_counter; a multiply-add counts 2)."]
+    mm = res.get("matmul_peak") or {}
+    if "tflops" in mm:
+        lines.append(f"Measured matmul peak: {mm['tflops']:.4g} TFLOP/s ({mm['n']}³ {mm['dtype']} product, mean of {mm['repeats']} "
+                     f"after {mm['warmup']} warm-ups; fastest {mm['tflops_best']:.4g}, slowest {mm['tflops_worst']:.4g}).")
+    elif mm:
+        lines.append(f"Measured matmul peak: not measured ({mm.get('error') or mm.get('skipped')}).")
     if f.get("peak_tflops"):
-        lines.append(f"GPU peak (dense fp16/bf16): {f['peak_tflops']:.0f} TFLOP/s.")
+        lines.append(f"Data-sheet peak (dense fp16/bf16): {f['peak_tflops']:.0f} TFLOP/s.")
     m = res.get("flops_sd15_architecture")
     if m:
         h100 = PEAK_TFLOPS["H100 SXM"] * 1e3 / m["sampling_gflops_per_image"]
@@ -256,112 +534,212 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
                   f"{m['unet_params_millions']:.0f} M parameters, {m['unet_gflops_per_row']:.1f} GFLOP per row at 4×64×64; VAE decode "
                   f"{m['vae_decode_gflops']:.0f} GFLOP per 512² image; 50-step CFG sampling {m['sampling_gflops_per_image'] / 1e3:.1f} TFLOP "
                   f"per image, i.e. at most {h100:.1f} images/s on an H100 SXM at 100 % of its {PEAK_TFLOPS['H100 SXM']:.0f} TFLOP/s."]
-    lines += ["", "## Sampling (no grad, CFG, + VAE decode)", "", "| batch | s / batch | images / s | achieved TFLOP/s | % of peak | peak GiB |",
-              "|---|---|---|---|---|---|"]
+    return lines
+
+
+def _pct(tf: float, peak: float | None) -> str:
+    return f"{100 * tf / peak:.1f}" if peak else "—"
+
+
+def _sampling_lines(res: dict[str, Any]) -> list[str]:
+    f = res["flops"]
+    mm = (res.get("matmul_peak") or {}).get("tflops")
+    diff = {r["batch"]: r for r in res.get("sampling_diffusers", [])}
+    lines = ["", "## Sampling (no grad, CFG, + VAE decode)", ""]
+    if diff:
+        lines += ["`bench` is our sampler (bench/core/diffusion.py rollout, latents on the CPU as in training); `diffusers` is "
+                  "StableDiffusionPipeline over the same modules and SD1.5's DDIM schedule "
+                  f"(schedules identical: {res['settings'].get('diffusers_schedule_matches')}), timed interleaved in the same "
+                  "process. ratio = bench images/s ÷ diffusers images/s (above 1: ours is faster). TFLOP/s = images/s × FLOP "
+                  "per image; % of the measured matmul peak and of the data-sheet peak.", ""]
+    lines += ["| batch | sampler | s / batch | images / s | ratio | achieved TFLOP/s | % measured peak | % data-sheet peak | peak GiB |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["sampling"]:
-        if "error" in r:
-            lines.append(f"| {r.get('batch', '')} | {r['error']} | | | | |")
-            continue
-        tf = r["images_per_s"] * f["sampling_gflops_per_image"] / 1e3
-        pct = f"{100 * tf / f['peak_tflops']:.1f}" if f.get("peak_tflops") else "—"
-        lines.append(f"| {r['batch']} | {r['seconds_per_batch']:.3f} | {r['images_per_s']:.3f} | {tf:.3g} | {pct} | {_gib(r['peak_gib'])} |")
-    lines += ["", "## One update per method", "",
-              "Batch = trajectories and transitions per update (each method's batch fields; other settings are its defaults). "
-              "Phases as the runner's clock splits them (a method that samples with gradients, such as DRaFT, books its rollout "
-              "under update). The methods train one shared LoRA one after the other; timings do not depend on its values.", "",
-              "| method | batch | s / update | sampling s | reward s | update s | peak GiB |", "|---|---|---|---|---|---|---|"]
+        rows = [("bench", r)] + ([("diffusers", diff[r["batch"]])] if r["batch"] in diff else [])
+        for name, row in rows:
+            if "images_per_s" not in row:
+                lines.append(f"| {row['batch']} | {name} | {row.get('error') or row.get('skipped')} | | | | | | |")
+                continue
+            tf = row["images_per_s"] * f["sampling_gflops_per_image"] / 1e3
+            d = diff.get(row["batch"], {})
+            ratio = f"{r['images_per_s'] / d['images_per_s']:.3f}" if name == "bench" and "images_per_s" in d and "images_per_s" in r else ""
+            lines.append(f"| {row['batch']} | {name} | {row['seconds_per_batch']:.3f} | {row['images_per_s']:.3f} | {ratio} | {tf:.3g} | "
+                         f"{_pct(tf, mm)} | {_pct(tf, f.get('peak_tflops'))} | {_gib(row['peak_gib'])} |")
+    return lines
+
+
+def _method_lines(res: dict[str, Any]) -> list[str]:
+    lines = ["", "## One update per method", "",
+             "Batch = trajectories and transitions per update (each method's batch fields; other settings are its defaults). "
+             "Phases as the runner's clock splits them (a method that samples with gradients, such as DRaFT, books its rollout "
+             "under update). The methods train one shared LoRA one after the other; timings do not depend on its values. "
+             "Online methods (seiko-*, sqdf-online) need their task's oracle features, which this script does not build.", "",
+             "| method | batch | s / update | sampling s | reward s | update s | peak GiB |", "|---|---|---|---|---|---|---|"]
     for name, rows in res["methods"].items():
         if isinstance(rows, str):
             lines.append(f"| {name} | — | {rows} | | | | |")
             continue
         for r in rows:
-            if "error" in r:
-                lines.append(f"| {name} | {r.get('batch', '')} | {r['error']} | | | | |")
+            if "seconds_per_update" not in r:
+                note = r.get("error") or f"skipped: {r.get('skipped')}"
+                if "warmup_seconds" in r:
+                    note += f" (after a {r['warmup_seconds']:.2f} s warm-up step)"
+                lines.append(f"| {name} | {r.get('batch', '')} | {note} | | | | |")
                 continue
             ph = r["phases"]
             lines.append(f"| {name} | {r['batch']} | {r['seconds_per_update']:.3f} | {ph.get('sampling', 0):.3f} | "
                          f"{ph.get('reward', 0):.3f} | {ph.get('update', 0):.3f} | {_gib(r['peak_gib'])} |")
-    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def _phase_lines(res: dict[str, Any]) -> list[str]:
+    ph = res.get("phases") or {}
+    if not ph:
+        return []
+    lines = ["", "## Phases", "", f"Budget: {res['settings'].get('budget_seconds') or 'none'} s.", "",
+             "| phase | status | seconds |", "|---|---|---|"]
+    lines += [f"| {k} | {v['status']} | {v.get('seconds', 0):.1f} |" for k, v in ph.items()]
+    return lines
 
 
 def _gib(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
+def save_results(res: dict[str, Any], out: Path) -> None:
+    """Rewrite the JSON and the Markdown (atomically), as they stand."""
+    res["settings"]["load_average_at_end"] = list(os.getloadavg())
+    write_text(out, json.dumps(res, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)) + "\n")
+    write_markdown(res, out.with_suffix(".md"))
+
 # ---- main ----------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> Path:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny test models on the CPU, 10 steps (a smoke run)")
     ap.add_argument("--device", default=None, help="cuda (default) or cpu (default with --tiny)")
     ap.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"], help="fp16 (GPU default) or bf16; fp32 with --tiny")
-    ap.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes (default 1,2,4; --tiny: 1,2)")
-    ap.add_argument("--methods", default=",".join(PAPER_METHODS), help="registered method names to time")
+    ap.add_argument("--batch-sizes", default=None, help="comma-separated sampling batch sizes (default 1,2,4; --tiny: 1,2)")
+    ap.add_argument("--method-batch-sizes", default=None, help="batch sizes of the method updates (default: --batch-sizes)")
+    ap.add_argument("--methods", default=",".join(PAPER_METHODS), help="registered method names to time, or 'all'")
     ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; --tiny: 10)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed repetitions after one warm-up")
+    ap.add_argument("--repeats", type=int, default=2, help="timed sampling repetitions after the warm-up")
+    ap.add_argument("--method-repeats", type=int, default=None, help="timed train_steps per method and batch (default: --repeats)")
+    ap.add_argument("--method-warmup", type=int, default=1, help="untimed train_steps at each method's first batch size")
+    ap.add_argument("--warmup-steps", type=int, default=None, help="steps of the sampling warm-up call (default: all of them)")
+    ap.add_argument("--compare-diffusers", action="store_true", help="also time diffusers' StableDiffusionPipeline on the same modules")
+    ap.add_argument("--matmul-n", type=int, default=0, help="measure the matmul peak on an N³ product in the run's dtype (0: skip)")
+    ap.add_argument("--budget", type=float, default=0, help="seconds for the whole run; phases get deadlines (0: no limit)")
+    ap.add_argument("--deadline", type=float, default=0, help="end the run by this Unix time (seconds; with --budget, the earlier wins)")
+    ap.add_argument("--sampling-share", type=float, default=0.3, help="share of the time left that the sampling phase may use")
+    ap.add_argument("--measure-cap", type=float, default=0, help="at most this many seconds per measurement (0: no cap)")
     ap.add_argument("--lora-rank", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op CPU threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "benchmarks")
     args = ap.parse_args(argv)
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    size = "tiny" if args.tiny else "sd15"
-    device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
-    if device.type == "cuda" and not torch.cuda.is_available():
+    args.device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
+    if args.device.type == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device; run on a GPU, or use --tiny for the CPU smoke run")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device.type == "cpu" else "fp16")]
-    batches = [int(b) for b in (args.batch_sizes or ("1,2" if args.tiny else "1,2,4")).split(",")]
-    sampler = SamplerConfig(steps=args.steps or (10 if args.tiny else 50), eta=1.0, guidance=5.0)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as the SQDF code (accelerate's TF32 default)
-        torch.backends.cudnn.allow_tf32 = True
+    args.method_repeats = args.method_repeats or args.repeats
+    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("1,2" if args.tiny else "1,2,4")).split(",")]
+    args.method_batch_sizes = [int(b) for b in args.method_batch_sizes.split(",")] if args.method_batch_sizes else args.batch_sizes
+    args.steps = args.steps or (10 if args.tiny else 50)
+    args.warmup_steps = args.warmup_steps or args.steps
+    return args
 
-    t0 = time.perf_counter()
-    backbone, reward = build(size, device, dtype, args.lora_rank)
-    build_s = time.perf_counter() - t0
+
+def initial_results(args: argparse.Namespace, backbone: Any, sampler: SamplerConfig, dtype: torch.dtype, build_s: float) -> dict[str, Any]:
+    device = args.device
     unet_f, vae_f = unet_flops(backbone)
     label = (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu") + ("-tiny" if args.tiny else "")
-    peak = peak_tflops(label) if device.type == "cuda" else None
-    res: dict[str, Any] = {
+    return {
         "device_label": label,
         "settings": {"tiny": args.tiny, "models": "tiny test models (bench/tasks/sd_utils.py)" if args.tiny else
                      "SD1.5 architecture, random init (UNet 860 M, VAE 84 M, CLIP-L text 123 M) + LAION aesthetic on a random CLIP ViT-L/14",
                      "resolution": backbone.resolution, "steps": sampler.steps, "eta": sampler.eta, "guidance": sampler.guidance,
                      "lora_rank": args.lora_rank, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
-                     "batch_sizes": batches, "repeats": args.repeats, "build_seconds": build_s, "torch_threads": torch.get_num_threads(),
+                     "batch_sizes": args.batch_sizes, "method_batch_sizes": args.method_batch_sizes, "repeats": args.repeats,
+                     "method_repeats": args.method_repeats, "method_warmup": args.method_warmup, "warmup_steps": args.warmup_steps,
+                     "budget_seconds": args.budget or None, "build_seconds": build_s, "torch_threads": torch.get_num_threads(),
                      "load_average_at_start": list(os.getloadavg()),
                      "trainable_params": sum(p.numel() for p in backbone.trainable_parameters())},
         "flops": {"unet_gflops_per_row": unet_f / 1e9, "vae_decode_gflops": vae_f / 1e9,
-                  "sampling_gflops_per_image": (2 * sampler.steps * unet_f + vae_f) / 1e9, "peak_tflops": peak},
+                  "sampling_gflops_per_image": (2 * sampler.steps * unet_f + vae_f) / 1e9,
+                  "peak_tflops": peak_tflops(label) if device.type == "cuda" else None},
         "flops_sd15_architecture": sd15_meta_flops(50),
+        "matmul_peak": None,
         "sampling": [],
         "methods": {},
+        "phases": {},
         "provenance": snapshot(str(device)),
     }
-    for b in batches:
-        row = guarded(lambda: time_sampling(backbone, sampler, b, args.repeats, device), device)
-        res["sampling"].append({"batch": b, **row})
-        print(f"sampling b={b}: {row}", flush=True)
-    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        if name not in METHODS:
+
+
+@contextlib.contextmanager
+def phase(res: dict[str, Any], name: str, save: Callable[[], None]) -> Iterator[None]:
+    """Record a phase's wall time and status in res["phases"]; an exception is recorded, not raised."""
+    t0 = time.perf_counter()
+    res["phases"][name] = {"status": "running"}
+    try:
+        yield
+        res["phases"][name] = {"status": "done", "seconds": time.perf_counter() - t0}
+    except Exception as e:  # recorded; the next phase still runs
+        traceback.print_exc()
+        res["phases"][name] = {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                               "seconds": time.perf_counter() - t0}
+    finally:
+        save()
+
+
+def method_names(spec: str, res: dict[str, Any]) -> list[str]:
+    """The registered names asked for ('all': every one); the others are recorded as skipped."""
+    asked = METHODS.names() if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    names = []
+    for name in asked:
+        if name in METHODS:
+            names.append(name)
+        else:
             res["methods"][name] = f"skipped: method {name!r} is not registered (known: {', '.join(METHODS.names())})"
-            continue
-        rows = []
-        for b in batches:
-            row = guarded(lambda: time_method(name, backbone, reward, sampler, b, args.repeats, device), device)
-            for p in backbone.trainable_parameters():
-                p.grad = None
-            rows.append({"batch": b, **row})
-            print(f"{name} b={b}: {row}", flush=True)
-        res["methods"][name] = rows
-    res["settings"]["load_average_at_end"] = list(os.getloadavg())
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
+    return names
+
+
+def main(argv: list[str] | None = None) -> Path:
+    start = time.monotonic()
+    args = parse_args(argv)
+    ends = [start + args.budget] if args.budget else []
+    ends += [start + args.deadline - time.time()] if args.deadline else []
+    budget = Budget(min(ends) if ends else None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device.type == "cpu" else "fp16")]
+    sampler = SamplerConfig(steps=args.steps, eta=1.0, guidance=5.0)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the SQDF code (accelerate's TF32 default)
+        torch.backends.cudnn.allow_tf32 = True
+    t0 = time.perf_counter()
+    backbone, reward = build("tiny" if args.tiny else "sd15", device, dtype, args.lora_rank)
+    res = initial_results(args, backbone, sampler, dtype, time.perf_counter() - t0)
+    res["settings"]["budget_seconds"] = None if budget.end is None else round(budget.end - start)
+    slug = "".join(c if c.isalnum() else "-" for c in res["device_label"].lower()).strip("-")
     out = args.out / f"sd15_throughput_{slug}.json"
-    out.write_text(json.dumps(res, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)) + "\n")
-    write_markdown(res, out.with_suffix(".md"))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        save_results(res, out)
+
+    if args.matmul_n:
+        with phase(res, "matmul_peak", save):
+            res["matmul_peak"] = guarded(lambda: matmul_peak(device, args.matmul_n, dtype), device, budget.limit(60))
+            print(f"matmul peak: {_brief(res['matmul_peak'])}", flush=True)
+    with phase(res, "sampling", save):
+        sampling_phase(backbone, sampler, args.batch_sizes, args, device, budget.share(args.sampling_share), res, save)
+    with phase(res, "methods", save):
+        names = method_names(args.methods, res)
+        methods_phase(names, backbone, reward, sampler, args.method_batch_sizes, args, device, budget, res, save)
+    res["settings"]["total_seconds"] = time.monotonic() - start
+    save()
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return out
 
