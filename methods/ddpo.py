@@ -357,7 +357,7 @@ class DDPO(AlignmentMethod):
         old = data["log_probs"][r_idx, d_idx]
         # 4a. log π_θ(x_{t−1}|x_t, c) with gradient through μ_θ, and log ρ_t = log π_θ − log π_old
         terms = recompute_transition(ctx.backbone, self.grid, ctx.sampler, x, x_next, s_idx,
-                                     data["cond"][r_idx], reference=self.use_kl)
+                                     data["cond"][r_idx.to(data["cond"].device)], reference=self.use_kl)
         log_ratio = reduce_dims(terms.log_prob, cfg.log_prob_reduce, self.dim) - old
         a_items = adv[r_idx, d_idx] if adv.dim() == 2 else adv[r_idx]
         # 4b. PPO's clipped surrogate (arXiv:1707.06347, Eq. 7), DDPO_IS's trust region

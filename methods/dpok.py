@@ -264,7 +264,7 @@ class ValueNet(nn.Module):
         return (cond.mean(1) if cond.dim() > 2 else cond).flatten(1)
 
     def forward(self, x: Tensor, cond: Tensor, steps: Tensor) -> Tensor:
-        h = torch.cat([x.flatten(1), self.pool(cond).to(x.dtype)], 1)
+        h = torch.cat([x.flatten(1), self.pool(cond).to(x.device, x.dtype)], 1)  # conditions may live on the host (SD)
         h = torch.relu(self.l1(h, steps))
         h = torch.relu(self.l2(h, steps))
         h = torch.relu(self.l3(h, steps))
