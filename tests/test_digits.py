@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -30,15 +30,7 @@ SMALL_SETS = {k: getattr(SMALL, k) for k in ("hidden", "layers", "base_iteration
 
 
 @pytest.fixture(scope="module")
-def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("digits-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BENCH_CACHE_DIR", str(root))
-        yield root
-
-
-@pytest.fixture(scope="module")
-def task(cache_root: Path) -> DigitsTask:
+def task(bench_cache: Path) -> DigitsTask:
     t = DigitsTask(SMALL)
     t.prepare(progress=False)
     return t
@@ -304,7 +296,7 @@ def test_config_validation() -> None:
 # ---- runs through the shared interface ------------------------------------------------------------------
 
 
-def test_runs_table_and_figures(task: DigitsTask, tmp_path: Path, cache_root: Path) -> None:
+def test_runs_table_and_figures(task: DigitsTask, tmp_path: Path, bench_cache: Path) -> None:
     """sqdf and draft run on digits through the runner; the report writes the table (with the
     held-out prompt column and the ESS), the SIR note, sample grids per checkpoint and the
     held-out-vs-reward figure."""
@@ -341,17 +333,12 @@ def test_runs_table_and_figures(task: DigitsTask, tmp_path: Path, cache_root: Pa
     assert any(n.endswith("_heldout_vs_reward.png") for n in figs) and any(n.endswith("sqdf_samples.png") for n in figs)
 
 
-def test_prepare_command(task: DigitsTask, cache_root: Path) -> None:
-    from typer.testing import CliRunner
-
-    from bench.app.cli import app
-
-    runner = CliRunner()
+def test_prepare_command(task: DigitsTask, bench_cache: Path, cli: Any) -> None:
     args = ["prepare", "digits", "--quiet"] + [f"--set=task.{k}={v}" for k, v in SMALL_SETS.items()]
-    res = runner.invoke(app, args)
+    res = cli(*args)
     assert res.exit_code == 0, res.output
-    assert "digits-base" in res.output and str(cache_root) in res.output
-    bad = runner.invoke(app, ["prepare", "digits", "--set", "method.lr=1"])
+    assert "digits-base" in res.output and str(bench_cache) in res.output
+    bad = cli("prepare", "digits", "--set", "method.lr=1")
     assert isinstance(bad.exception, BenchError)
 
 
@@ -391,19 +378,13 @@ def test_held_out_density_matches_scikit_learn(task: DigitsTask) -> None:
 
 
 @pytest.mark.parametrize("method", sorted(__import__("bench.core.registry", fromlist=["METHODS"]).METHODS.names()))
-def test_every_registered_method_trains_on_digits(task: DigitsTask, method: str) -> None:
+def test_every_registered_method_trains_on_digits(task: DigitsTask, method: str, contexts: Any, tiny_config: Any) -> None:
     """Every method runs on digits through the same interface: two updates move the policy, never
     the reference, with finite stats (online methods query the digits reward as their oracle)."""
-    from bench.core.clock import PhaseClock
     from bench.core.registry import METHODS
-    from bench.core.task import SamplerConfig
-    from bench.core.method import TrainContext
-    from bench.core.reward import CountingReward
-    from test_methods import tiny_config
 
-    bb = task.build_backbone()
-    reward = CountingReward(task.build_reward("classifier"), PhaseClock())
-    ctx = TrainContext(bb, reward, list(task.train_prompts), 1.0, SamplerConfig(steps=6), 0, PhaseClock(), task)
+    ctx = contexts(task, "classifier", sampler=6)
+    bb = ctx.backbone
     m = METHODS.get(method)(tiny_config(method), ctx)
     before = [p.detach().clone() for p in m.trainable_parameters()]
     for _ in range(2):

@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,36 +32,6 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGE_REWARDS = ("aesthetic", "hps-v2.0", "hps-v2.1", "imagereward", "clip-score", "pickscore")
 PROMPTS = ["a photo of a cat", "an oil painting of a red fox in the snow", "a photo of a cat"]
-
-
-# ---- fixtures --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """HF_HUB_OFFLINE=1, an empty HF cache and bench cache, no BENCH_* weight variables, and every
-    download function replaced by one that fails the test."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    for spec in SPECS.values():
-        monkeypatch.delenv(spec.env, raising=False)
-    monkeypatch.delenv("BENCH_WEIGHTS_DIR", raising=False)
-    _guard_network(monkeypatch)
-    return tmp_path
-
-
-def _guard_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub
-
-    def no_network(*a: object, **k: object) -> None:
-        raise AssertionError("a download was attempted")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
 
 
 def _images(n: int = 3, h: int = 48, w: int = 40, seed: int = 0) -> torch.Tensor:

@@ -12,51 +12,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from bench.core.clock import PhaseClock
-from bench.app.config import apply_dict
 from bench.core.registry import METHODS
 from bench.app.runner import build_task
-from bench.core.task import SamplerConfig
-from bench.core.method import TrainContext
-from bench.core.reward import CountingReward
-
-SHRINK = {"batch_size": 16, "rollouts_per_step": 16, "buffer_size": 64, "samples_per_iteration": 16, "minibatch_size": 8,
-          "num_samples": 16, "value_batch_size": 16, "queries_total": 64, "proxy_epochs": 5}
-
-
-def tiny_config(method: str) -> Any:
-    """The method's default config with obviously-named size fields shrunk for a CPU smoke test."""
-    cls = METHODS.get(method).Config
-    cfg = cls()
-    names = {f.name for f in dataclasses.fields(cfg)}
-    over = {k: v for k, v in SHRINK.items() if k in names and isinstance(getattr(cfg, k), int) and getattr(cfg, k) > v}
-    if hasattr(cls, "smoke"):
-        return cls.smoke()
-    return apply_dict(cfg, over, "method.")
-
 
 @pytest.fixture(scope="module")
-def task(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    import os
-
-    os.environ.setdefault("BENCH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+def task(bench_cache: Path) -> Any:
     from bench.tasks.gmm import GMMConfig
 
     return build_task("gmm-trap", GMMConfig(base="learned", learned_iterations=200, learned_batch=256))
 
 
-def make(method: str, task: Any, seed: int = 0, alpha: float = 1.0) -> Any:
-    backbone = task.build_backbone()
-    clock = PhaseClock()
-    reward = CountingReward(task.build_reward(task.default_reward), clock)
-    ctx = TrainContext(backbone, reward, list(task.train_prompts), alpha, SamplerConfig(steps=6), seed, clock, task)
-    return METHODS.get(method)(tiny_config(method), ctx)
+@pytest.fixture(scope="module")
+def make(contexts: Any, tiny_config: Callable[[str], Any]) -> Callable[..., Any]:
+    """make(method, task, seed, alpha): the method on a fresh backbone, 6-step chains, the task's
+    default reward."""
+
+    def build(method: str, task: Any, seed: int = 0, alpha: float = 1.0) -> Any:
+        ctx = contexts(task, task.default_reward, sampler=6, seed=seed, alpha=alpha)
+        return METHODS.get(method)(tiny_config(method), ctx)
+
+    return build
 
 
 def params(m: Any) -> dict[str, torch.Tensor]:
@@ -67,7 +49,7 @@ METHOD_NAMES = METHODS.names()
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_same_seed_same_numbers(method: str, task: Any) -> None:
+def test_same_seed_same_numbers(method: str, task: Any, make: Callable[..., Any]) -> None:
     a, b = make(method, task), make(method, task)
     sa = [a.train_step() for _ in range(2)]
     sb = [b.train_step() for _ in range(2)]
@@ -77,7 +59,7 @@ def test_same_seed_same_numbers(method: str, task: Any) -> None:
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_trainable_change_frozen_do_not(method: str, task: Any) -> None:
+def test_trainable_change_frozen_do_not(method: str, task: Any, make: Callable[..., Any]) -> None:
     m = make(method, task)
     before = params(m)
     trainable = {id(p) for p in m.trainable_parameters()}
@@ -97,7 +79,7 @@ def test_trainable_change_frozen_do_not(method: str, task: Any) -> None:
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_resume_is_bit_exact(method: str, task: Any) -> None:
+def test_resume_is_bit_exact(method: str, task: Any, make: Callable[..., Any]) -> None:
     ref = make(method, task, seed=3)
     ref_stats = [ref.train_step() for _ in range(4)]
     a = make(method, task, seed=3)
@@ -141,7 +123,7 @@ def first_policy_gradient(m: Any) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", [n for n in METHOD_NAMES if METHODS.get(n).uses_alpha])
-def test_kl_term_and_its_gradient_are_zero_at_init(method: str, task: Any) -> None:
+def test_kl_term_and_its_gradient_are_zero_at_init(method: str, task: Any, make: Callable[..., Any]) -> None:
     """At initialization policy ≡ reference, so every KL term and its gradient are exactly 0: the
     first policy gradient cannot depend on the KL weight α."""
     g1 = first_policy_gradient(make(method, task, alpha=1.0))

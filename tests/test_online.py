@@ -7,44 +7,38 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
 
-from bench.core.clock import PhaseClock
 from bench.app.config import resolve
 from bench.core.diffusion import draw_noise, rollout_with_grad, truncation_mask
 from bench.core.errors import BenchError
-from bench.app.runner import build_task, run_one
-from bench.core.task import SamplerConfig
-from bench.tasks.gmm import GMMConfig
+from bench.app.runner import run_one
 from bench.core.method import TrainContext
 from methods.proxy import ProxyModel, query_schedule
 from methods.seiko import SEIKOBootstrap, SEIKOConfig, SEIKOUCB
 from methods.sqdf_online import SQDFOnline, SQDFOnlineConfig
-from bench.core.reward import BudgetExhausted, CountingReward
+from bench.core.reward import BudgetExhausted
 
 T = 6
 
 
 @pytest.fixture(scope="module")
-def task() -> Any:
-    return build_task("gmm-trap", GMMConfig(hidden=16, layers=1))
+def task(tiny_gmm: Callable[..., Any]) -> Any:
+    return tiny_gmm("gmm-trap")
 
 
-_STATE: dict[str, torch.Tensor] = {}
+@pytest.fixture(scope="module")
+def ctx_for(contexts: Any) -> Callable[..., TrainContext]:
+    """ctx_for(task, budget, seed, reward): a fresh context with the oracle behind a query budget;
+    backbones share their initial weights."""
 
+    def make(task: Any, budget: int | None = None, seed: int = 0, reward: str = "gold-oracle") -> TrainContext:
+        return contexts(task, reward, sampler=T, seed=seed, budget=budget, shared_init=True)
 
-def ctx_for(task: Any, budget: int | None = None, seed: int = 0, reward: str = "gold-oracle") -> TrainContext:
-    """A fresh context with the oracle behind a query budget; backbones share their initial weights."""
-    bb = task.build_backbone()
-    if not _STATE:
-        _STATE.update({k: v.clone() for k, v in bb.state_dict().items()})
-    bb.load_state_dict(_STATE)
-    clock = PhaseClock()
-    oracle = CountingReward(task.build_reward(reward), clock, budget)
-    return TrainContext(bb, oracle, list(task.train_prompts), 1.0, SamplerConfig(steps=T), seed, clock, task)
+    return make
 
 
 def seiko_cfg(**kw: Any) -> SEIKOConfig:
@@ -96,7 +90,7 @@ def test_query_schedule() -> None:
 
 
 @pytest.mark.parametrize("method", ["seiko-ucb", "sqdf-online"])
-def test_never_exceeds_the_budget_and_refits_on_growing_data(task: Any, method: str) -> None:
+def test_never_exceeds_the_budget_and_refits_on_growing_data(task: Any, ctx_for: Callable[..., TrainContext], method: str) -> None:
     budget = 60
     ctx = ctx_for(task, budget=budget)
     m = SEIKOUCB(seiko_cfg(queries_total=0), ctx) if method == "seiko-ucb" else SQDFOnline(sqdf_cfg(queries_total=0, rounds=3), ctx)
@@ -111,7 +105,7 @@ def test_never_exceeds_the_budget_and_refits_on_growing_data(task: Any, method: 
     assert m.online.size == budget
 
 
-def test_budget_below_the_schedule_is_refused(task: Any) -> None:
+def test_budget_below_the_schedule_is_refused(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     with pytest.raises(BenchError, match="exceeds train.query_budget"):
         SEIKOUCB(seiko_cfg(queries_total=100), ctx_for(task, budget=50))
     with pytest.raises(BenchError, match="needs a query budget"):
@@ -121,7 +115,7 @@ def test_budget_below_the_schedule_is_refused(task: Any) -> None:
     assert m.ctx.reward.queries == 30
 
 
-def test_a_round_never_starts_without_its_queries(task: Any) -> None:
+def test_a_round_never_starts_without_its_queries(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     ctx = ctx_for(task, budget=48)
     m = SEIKOUCB(seiko_cfg(queries_total=48), ctx)
     ctx.reward.queries = 40  # someone else spent part of the budget
@@ -133,7 +127,7 @@ def test_a_round_never_starts_without_its_queries(task: Any) -> None:
 # ---- KL to the previous round ------------------------------------------------------------------------
 
 
-def test_seiko_kl_and_its_gradient_are_zero_when_policy_is_the_reference(task: Any) -> None:
+def test_seiko_kl_and_its_gradient_are_zero_when_policy_is_the_reference(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     ctx = ctx_for(task, budget=48)
     m = SEIKOUCB(seiko_cfg(), ctx)
     bb = ctx.backbone
@@ -151,7 +145,7 @@ def test_seiko_kl_and_its_gradient_are_zero_when_policy_is_the_reference(task: A
     assert all(s["train/kl_path_previous"] > 0 for i, s in enumerate(stats) if i % per_round)
 
 
-def test_seiko_kl_reference_is_the_previous_round(task: Any) -> None:
+def test_seiko_kl_reference_is_the_previous_round(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     ctx = ctx_for(task, budget=48)
     m = SEIKOUCB(seiko_cfg(), ctx)
     for _ in range(m.cfg.updates_per_round + 1):  # round 0, then the first update of round 1
@@ -170,7 +164,7 @@ def test_seiko_kl_reference_is_the_previous_round(task: Any) -> None:
     assert (eps_prev - moved).abs().max() > 0, "after round 0 the reference is no longer the pretrained model"
 
 
-def test_sqdf_online_kl_and_its_gradient_are_zero_at_init(task: Any) -> None:
+def test_sqdf_online_kl_and_its_gradient_are_zero_at_init(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     """With a zero proxy reward, the first SQDF update's loss is α·KL to the pretrained model:
     exactly 0, with exactly zero gradients."""
     ctx = ctx_for(task, budget=48)
@@ -281,7 +275,7 @@ def test_proxy_select_best_keeps_the_best_validation_weights() -> None:
 
 
 @pytest.mark.parametrize("cls,make_cfg", [(SEIKOBootstrap, seiko_cfg), (SQDFOnline, sqdf_cfg)])
-def test_resume_mid_round_is_bit_exact(task: Any, cls: Any, make_cfg: Any) -> None:
+def test_resume_mid_round_is_bit_exact(task: Any, ctx_for: Callable[..., TrainContext], cls: Any, make_cfg: Any) -> None:
     cfg = make_cfg(updates_per_round=3)
     ref = cls(cfg, ctx_for(task, budget=48, seed=2))
     want = [ref.train_step() for _ in range(5)]

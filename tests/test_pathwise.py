@@ -5,41 +5,33 @@ Tiny analytic mixture backbone (gmm-ring8, exact ε + residual MLP), T = 8, batc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
 
-from bench.core.clock import PhaseClock
 from bench.core.diffusion import ddim_step, draw_noise, rollout, truncation_mask, x0_from_eps
-from bench.app.runner import build_task
-from bench.core.task import SamplerConfig
-from bench.tasks.gmm import GMMConfig
 from methods.alignprop import AlignProp, AlignPropConfig, draw_truncation
 from bench.core.method import TrainContext
 from methods.refl import ReFL, ReFLConfig, window_indices
-from bench.core.reward import CountingReward
 
 T = 8
 
 
 @pytest.fixture(scope="module")
-def task() -> Any:
-    return build_task("gmm-ring8", GMMConfig(hidden=16, layers=1))
+def task(tiny_gmm: Callable[..., Any]) -> Any:
+    return tiny_gmm("gmm-ring8")
 
 
-_STATE: dict[str, torch.Tensor] = {}
+@pytest.fixture(scope="module")
+def ctx_for(contexts: Any) -> Callable[..., TrainContext]:
+    """ctx_for(task, seed, steps): a fresh context on the quadratic reward; every backbone of this
+    module starts from the same weights."""
 
+    def make(task: Any, seed: int = 0, steps: int = T) -> TrainContext:
+        return contexts(task, "quadratic", sampler=steps, seed=seed, shared_init=True)
 
-def ctx_for(task: Any, seed: int = 0, steps: int = T) -> TrainContext:
-    """A fresh context; every backbone of this module starts from the same weights (the residual's
-    hidden layers are initialized by torch's global RNG when the backbone is built)."""
-    bb = task.build_backbone()
-    if not _STATE:
-        _STATE.update({k: v.clone() for k, v in bb.state_dict().items()})
-    bb.load_state_dict(_STATE)
-    clock = PhaseClock()
-    return TrainContext(bb, CountingReward(task.build_reward("quadratic"), clock), list(task.train_prompts), 1.0, SamplerConfig(steps=steps), seed, clock, task)
+    return make
 
 
 def perturb(ctx: TrainContext, scale: float = 0.3) -> None:
@@ -71,7 +63,7 @@ def test_refl_window_matches_the_codes() -> None:
     assert window_indices((0.8, 1.0), 50) == (40, 50)  # SQDF's ReFL baseline: [40, 50) of 50
 
 
-def test_refl_one_gradient_call_per_item(task: Any) -> None:
+def test_refl_one_gradient_call_per_item(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     ctx = ctx_for(task)
     m = ReFL(ReFLConfig(batch_size=5, lr=1e-3), ctx)
     calls = record_policy_calls(ctx.backbone)
@@ -85,7 +77,7 @@ def test_refl_one_gradient_call_per_item(task: Any) -> None:
     assert "reference" not in ctx.backbone.counter.state_dict()
 
 
-def test_refl_x0_is_the_finetuned_models_tweedie_at_k(task: Any) -> None:
+def test_refl_x0_is_the_finetuned_models_tweedie_at_k(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     ctx = ctx_for(task)
     perturb(ctx)
     bb, grid = ctx.backbone, ctx.grid
@@ -114,7 +106,7 @@ def test_refl_x0_is_the_finetuned_models_tweedie_at_k(task: Any) -> None:
         torch.testing.assert_close(a, b)
 
 
-def test_refl_hinge_loss(task: Any) -> None:
+def test_refl_hinge_loss(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     m = ReFL(ReFLConfig(loss="hinge", hinge_target=2.0, loss_scale=1e-3), ctx_for(task))
     r = torch.tensor([-1.0, 1.5, 2.0, 3.0])
     torch.testing.assert_close(m.refl_loss(r), 1e-3 * torch.tensor([3.0, 0.5, 0.0, 0.0]))
@@ -122,7 +114,7 @@ def test_refl_hinge_loss(task: Any) -> None:
     torch.testing.assert_close(m2.refl_loss(r), -0.5 * r)
 
 
-def test_refl_pretraining_regularizer_is_a_switch(task: Any) -> None:
+def test_refl_pretraining_regularizer_is_a_switch(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     ctx = ctx_for(task)
     m = ReFL(ReFLConfig(batch_size=4, pretrain_weight=1.0, pretrain_pool=6, pretrain_batch=3, lr=1e-3), ctx)
     stats = m.train_step()
@@ -179,7 +171,7 @@ def test_legacy_truncation_draws_per_step() -> None:
 # ---- AlignProp: gradients --------------------------------------------------------------------------------
 
 
-def test_alignprop_gradient_stays_in_each_trajectorys_window(task: Any) -> None:
+def test_alignprop_gradient_stays_in_each_trajectorys_window(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     ctx = ctx_for(task)
     perturb(ctx)
     bb = ctx.backbone
@@ -211,7 +203,7 @@ def test_alignprop_gradient_stays_in_each_trajectorys_window(task: Any) -> None:
                 assert norm > 0.0, f"trajectory {b} (K={k}) got no gradient at step {i}, inside its window"
 
 
-def test_per_trajectory_truncation_equals_draft_k_per_item(task: Any) -> None:
+def test_per_trajectory_truncation_equals_draft_k_per_item(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     """A batch with K = (2, 5) has the summed gradient of DRaFT-2 on item 0 and DRaFT-5 on item 1."""
     ctx = ctx_for(task)
     perturb(ctx)
@@ -231,7 +223,7 @@ def test_per_trajectory_truncation_equals_draft_k_per_item(task: Any) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_alignprop_micro_batches_do_not_change_the_update(task: Any) -> None:
+def test_alignprop_micro_batches_do_not_change_the_update(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     outs = []
     for micro in (0, 2):
         ctx = ctx_for(task, seed=5)
@@ -244,7 +236,7 @@ def test_alignprop_micro_batches_do_not_change_the_update(task: Any) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_abs_target_loss_equals_neg_below_target(task: Any) -> None:
+def test_abs_target_loss_equals_neg_below_target(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     """|r − 10| and −r give the same gradient while r < 10 (the ring reward is ≤ 0)."""
     grads = []
     for loss in ("neg", "abs_target"):
@@ -259,7 +251,7 @@ def test_abs_target_loss_equals_neg_below_target(task: Any) -> None:
         torch.testing.assert_close(a, b)
 
 
-def test_rollout_prefix_matches_full_rollout(task: Any) -> None:
+def test_rollout_prefix_matches_full_rollout(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     """ReFL's no-grad prefix (rollout stop_at=k) is the first k steps of the full chain."""
     ctx = ctx_for(task)
     bb = ctx.backbone
@@ -271,7 +263,7 @@ def test_rollout_prefix_matches_full_rollout(task: Any) -> None:
     torch.testing.assert_close(part.x0, full.latents[:, 5])
 
 
-def test_truncation_settings_are_checked_against_the_chain(task: Any) -> None:
+def test_truncation_settings_are_checked_against_the_chain(task: Any, ctx_for: Callable[..., TrainContext]) -> None:
     from bench.core.errors import BenchError
 
     with pytest.raises(BenchError, match="trunc_mean"):

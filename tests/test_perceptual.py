@@ -5,7 +5,6 @@ task hooks, and the offline errors of the real loaders."""
 from __future__ import annotations
 
 import math
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ from bench.core.errors import BenchError, MissingWeightsError  # noqa: E402
 from bench.core.evaluation import EvalContext, PromptSamples  # noqa: E402
 from bench.core.registry import METRICS, REWARDS  # noqa: E402
 from metrics import perceptual as P  # noqa: E402
-from bench.core.weights import SPECS  # noqa: E402
 
 
 def _images(n: int, seed: int, h: int = 40, w: int = 40) -> torch.Tensor:
@@ -201,23 +199,6 @@ def test_fallback_loads_each_real_model_once_per_process(monkeypatch: pytest.Mon
 
 
 # ---- offline errors ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    for spec in SPECS.values():
-        monkeypatch.delenv(spec.env, raising=False)
-    monkeypatch.delenv("BENCH_WEIGHTS_DIR", raising=False)
-
-    def no_network(*a: object, **k: object) -> None:
-        raise AssertionError("a download was attempted")
-
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return tmp_path
 
 
 @pytest.mark.parametrize("name,file,env", [("lpips", "alexnet-owt-7be5be79.pth", "BENCH_LPIPS_ALEXNET_WEIGHTS"),

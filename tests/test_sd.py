@@ -29,7 +29,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from bench.app.config import apply_dict, resolve  # noqa: E402
+from bench.app.config import resolve  # noqa: E402
 from bench.core.diffusion import ddim_step, draw_noise, guided_eps, rollout  # noqa: E402
 from bench.core.errors import BenchError, MissingWeightsError  # noqa: E402
 from bench.core.registry import METHODS, TASKS  # noqa: E402
@@ -38,12 +38,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _offline_single_thread(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def _offline_single_thread(bench_cache: Path) -> Iterator[None]:
     """No network, a private cache, and one intra-op thread (the tiny models are overhead-bound;
     two threads on a shared 2-core machine are much slower than one)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("BENCH_CACHE_DIR", str(tmp_path_factory.mktemp("bench-cache")))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -410,7 +409,7 @@ SHRINK = {"batch_size": 4, "rollouts_per_step": 4, "buffer_size": 16, "samples_p
           "value_batch_size": 8, "queries_total": 16, "query_batch": 8, "proxy_epochs": 5, "updates_per_round": 1}
 
 
-def _tiny_run_config(method: str) -> Any:
+def _tiny_run_config(method: str, shrink: Any) -> Any:
     """A 6-step sd15-tiny run config for `method`: its Config.smoke() (the method's own CPU test
     settings for 6-step chains) when it has one, else the sd15-tiny preset; then obviously-named
     size fields shrunk."""
@@ -418,26 +417,20 @@ def _tiny_run_config(method: str) -> Any:
     reward = "aesthetic" if cls.needs_reward_grad else "aesthetic-oracle"
     cfg = resolve("sd15-tiny", method, 0, reward=reward, layers=[{"sampler": {"steps": 6}}])
     base = cls.Config.smoke() if hasattr(cls.Config, "smoke") else cfg.method_cfg
-    names = {f.name for f in dataclasses.fields(base)}
-    over = {k: v for k, v in SHRINK.items() if k in names and isinstance(getattr(base, k), int) and getattr(base, k) > v}
     try:
-        mcfg = apply_dict(base, over, "method.")
+        mcfg = shrink(base, SHRINK)
     except BenchError:  # the shrunk sizes break one of the method's constraints: keep its own
         mcfg = base
     return dataclasses.replace(cfg, method_cfg=mcfg)
 
 
 @pytest.mark.parametrize("method", METHODS.names())
-def test_every_method_runs_one_step(method: str, task: Any) -> None:
-    from bench.core.clock import PhaseClock
-    from bench.core.method import TrainContext
-    from bench.core.reward import BudgetExhausted, CountingReward
+def test_every_method_runs_one_step(method: str, task: Any, contexts: Any, shrink: Any) -> None:
+    from bench.core.reward import BudgetExhausted
 
-    cfg = _tiny_run_config(method)
-    backbone = task.build_backbone()
-    clock = PhaseClock()
-    reward = CountingReward(task.build_reward(cfg.reward), clock, cfg.train.query_budget or None)
-    ctx = TrainContext(backbone, reward, task.train_prompts, cfg.alpha, cfg.sampler, 0, clock, task)
+    cfg = _tiny_run_config(method, shrink)
+    ctx = contexts(task, cfg.reward, sampler=cfg.sampler, alpha=cfg.alpha, budget=cfg.train.query_budget or None)
+    backbone = ctx.backbone
     m = METHODS.get(method)(cfg.method_cfg, ctx)
     lora0 = [p.detach().clone() for p in backbone.trainable_parameters()]
     frozen0 = {n: p.detach().clone() for n, p in backbone.named_parameters() if "lora_" not in n}
@@ -458,15 +451,11 @@ def test_every_method_runs_one_step(method: str, task: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from typer.testing import CliRunner
-
-    from bench.app.cli import app
-
+def cli_run(tmp_path_factory: pytest.TempPathFactory, cli: Any) -> Path:
     d = tmp_path_factory.mktemp("cli")
-    res = CliRunner().invoke(app, ["run", "--task", "sd15-tiny", "--methods", "sqdf,draft", "--seeds", "0", "--quiet",
-                                   "--set", "task.eval_prompts=2", "--set", "train.final_eval_samples=2",  # a smaller evaluation
-                                   "--runs-dir", str(d / "runs"), "--results-dir", str(d / "results")])
+    res = cli("run", "--task", "sd15-tiny", "--methods", "sqdf,draft", "--seeds", "0", "--quiet",
+              "--set", "task.eval_prompts=2", "--set", "train.final_eval_samples=2",  # a smaller evaluation
+              "--runs-dir", str(d / "runs"), "--results-dir", str(d / "results"))
     assert res.exit_code == 0, (res.output, res.exception)
     return d
 
