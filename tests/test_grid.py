@@ -67,7 +67,22 @@ def test_expand_is_the_cartesian_product(tmp_path: Path) -> None:
     ({"methods": ["draft"], "seedz": [0]}, "unknown keys"),
     ({"methods": []}, "'methods' must list"),
     ({"methods": ["draft"], "alphas": [1], "set": {"alpha": [1, 2]}}, "not both"),
-    ({"methods": ["draft"], "rewards": ["aesthetic"]}, "no task of this grid offers reward"),
+    ({"methods": ["draft"], "rewards": ["aesthetic"]}, "task gmm-ring8 has no reward 'aesthetic'"),
+    ({"methods": ["draft"], "tasks": ["gmm-ring8", "gmm-trap"], "rewards": ["aesthetic"]}, "no task of this grid offers reward"),
+    ({"methods": ["draft"], "set": [1, 2]}, "set must be a mapping"),
+    ({"methods": ["draft"], "slurm": 5}, "'slurm' must be a mapping"),
+    ({"methods": ["draft"], "slurm": {"timeout_min": "abc"}}, "slurm.timeout_min expects int"),
+    ({"methods": ["draft"], "seeds": [-1]}, r"seeds must be an integer in \[0, 2\*\*63\)"),
+    ({"methods": ["draft"], "seeds": [1.5]}, "seeds expects int"),
+    ({"methods": ["draft"], "seeds": []}, "'seeds' must list at least one value"),
+    ({"methods": ["draft"], "alphas": [float("inf")]}, "alphas must be a finite number"),
+    ({"methods": ["draft"], "set": {"method.lr": []}}, "a sweep lists at least one value"),
+    ({"methods": ["draft"], "set": {"seedz": 1}}, "malformed key 'seedz'"),
+    ({"methods": [{"a": 1}]}, "'methods' must be names"),
+    ({"methods": ["draft"], "max_parallel": -1}, "max_parallel must be >= 0"),
+    ({"methods": ["draft"], "name": "../up"}, "'name' must be a folder name"),
+    ({"runs": 5}, "'runs' must be a non-empty list"),
+    ({"runs": [{"methods": ["draft"], "foo": 1}]}, r"runs\[0\]: unknown keys \['foo'\]"),
     ({"methods": ["draft"], "set": {"method.gamma": 0.9}}, "unknown key method.gamma"),
     ({"methods": ["nosuch"]}, "unknown method"),
     ({"methods": ["draft"], "slurm": {"gpus": 1}}, "unknown slurm keys"),
@@ -76,6 +91,47 @@ def test_bad_grid_files_fail_with_one_line(tmp_path: Path, data: dict, message: 
     g = write_grid(tmp_path / "g.yaml", **data)
     with pytest.raises(BenchError, match=message):
         expand(load_grid(g))
+
+
+def test_not_a_mapping_folder_or_binary_grid_file(tmp_path: Path) -> None:
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(256)))
+    for path, message in ((tmp_path / "list.yaml", "expected a mapping"), (tmp_path, "is a folder"), (tmp_path / "bin.yaml", "not a text")):
+        with pytest.raises(BenchError, match=message):
+            load_grid(path)
+
+
+def test_a_scalar_where_a_list_is_expected_is_a_one_element_list(tmp_path: Path) -> None:
+    g = write_grid(tmp_path / "g.yaml", methods="draft", task="gmm-ring8", seeds=4, alphas=0.3)
+    assert [(c.cfg.method, c.cfg.seed, c.cfg.alpha) for c in expand(load_grid(g))] == [("draft", 4, 0.3)]
+
+
+def test_blocks_share_top_level_keys_and_a_repeated_cell_runs_once(tmp_path: Path) -> None:
+    g = write_grid(tmp_path / "g.yaml", name="blocks", methods=["draft"], seeds=[0], set={"train.iterations": 2},
+                   runs=[{"task": "gmm-ring8"}, {"task": "gmm-ring8", "set": {"method.lr": 5e-4}}, {"task": "gmm-ring8"},
+                         {"task": "gmm-trap", "methods": ["sqdf", "draft"], "seeds": [1]}])
+    cells = expand(load_grid(g))
+    assert [(c.cfg.task, c.cfg.method, c.cfg.seed) for c in cells] == [
+        ("gmm-ring8", "draft", 0), ("gmm-ring8", "draft", 0), ("gmm-trap", "sqdf", 1), ("gmm-trap", "draft", 1)]
+    assert all(c.cfg.train.iterations == 2 for c in cells) and cells[1].cfg.method_cfg.lr == 5e-4
+    assert cells[1].label.endswith("method.lr=0.0005") and cells[1].sweep == ()
+    # the command line wins over the file: --set over set and method_sets, and --seeds replaces every block's seeds
+    from bench.app.grid import Overrides
+
+    over = load_grid(g, ["method.lr=1e-3"], Overrides(seeds=(7,)))
+    assert {(c.cfg.method_cfg.lr, c.cfg.seed) for c in expand(over) if c.cfg.method == "draft"} == {(1e-3, 7)}
+
+
+def test_status_reads_a_slurm_jobs_failure_through_submitit(tmp_path: Path) -> None:
+    from submitit.core.utils import cloudpickle_dump
+
+    from bench.app.grid import _result_error
+
+    cloudpickle_dump(("error", "Traceback (most recent call last):\n  ...\nValueError: boom"), tmp_path / "123_0_0_result.pkl")
+    cloudpickle_dump(("success", {"dir": "x"}), tmp_path / "124_0_0_result.pkl")
+    assert _result_error(str(tmp_path), "123_0") == "ValueError: boom"
+    assert _result_error(str(tmp_path), "124_0") is None
+    assert _result_error(str(tmp_path), "125_0") is None  # no result yet
 
 
 def test_dry_run_lists_cells_and_skips_finished(tmp_path: Path) -> None:
@@ -214,7 +270,7 @@ def test_slurm_parameters_from_the_grid_file_and_the_command_line(tmp_path: Path
     """The sbatch script a cell's job gets: grid-file `slurm:` values, overridden by command-line options."""
     import submitit.slurm.slurm as sl
 
-    from bench import grid as grid_mod
+    from bench.app import grid as grid_mod
     from bench.app.cli import _slurm_cli
 
     g = write_grid(tmp_path / "g.yaml", methods=["draft"], slurm={

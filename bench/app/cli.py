@@ -9,27 +9,36 @@
     bench plot runs/gmm-ring8                   # paper figures (PNG, PDF): metrics vs reward, α fronts, curves, samples
     bench prepare digits                        # train and cache a task's local pieces (base, rewards, judges, references)
 
-Bad input (unknown names, out-of-range values, malformed --set, corrupt checkpoints, missing
-weights) prints one line starting with "error:" and exits with code 2, having written nothing.
+`bench run` and `bench grid` share one path: the command line or the file becomes a grid
+(bench/app/grid.py: one format for suites and grids), expanded into resolved cells before anything
+is written, then run through one executor layer (debug: in this process; local: processes here;
+slurm). Exit codes and the error format are in docs/cli.md: 0 done, 1 failed cells or an internal
+error (traceback in a log file), 2 bad input (one line "error: ..."), 130 interrupted.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import importlib
 import json
 import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
-from bench.app.config import CONFIG_DIR, RunConfig, load_yaml, merge, parse_sets, resolve
+from bench.app.config import CONFIG_DIR, check_layer, check_seed, coerce, load_yaml, merge, parse_sets
 from bench.core.errors import BenchError
 from bench.core.registry import METHODS, METRICS, REWARDS, TASKS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="diffusion-alignment-bench: reward fine-tuning of diffusion models, compared fairly.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+                  help="diffusion-alignment-bench: reward fine-tuning of diffusion models, compared fairly.")
 
 DEFAULT_TASK = "gmm-ring8"
+INTERRUPTED = "interrupted; rerun the same command to resume"
 
 
 @app.callback()
@@ -44,22 +53,47 @@ def _global_options(
         os.environ[PLUGIN_ENV] = ",".join(dict.fromkeys(names))  # spawned workers inherit it
 
 
-def _csv(s: str | None) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()] if s else []
+# ---- parsing and checks (all before anything is written) --------------------------------------------------
+
+
+def _csv(s: str | None, what: str | None = None) -> list[str]:
+    """"a, b" -> ["a", "b"]; with `what`, an option that lists nothing (e.g. --seeds ,) is an error."""
+    out = [x.strip() for x in s.split(",") if x.strip()] if s else []
+    if what and not out:
+        raise BenchError(f"{what} must list at least one value (comma-separated), got {s!r}")
+    return out
 
 
 def _ints(s: str, what: str) -> list[int]:
+    """--seeds: comma-separated integers in [0, 2**63)."""
+    items = _csv(s, what)
     try:
-        return [int(x) for x in _csv(s)]
-    except ValueError:
-        raise BenchError(f"{what} must be comma-separated integers, e.g. 0,1,2; got {s!r}") from None
+        return [check_seed(x, what) for x in items]
+    except BenchError:
+        raise BenchError(f"{what} must be comma-separated integers in [0, 2**63), e.g. 0,1,2; got {s!r}") from None
 
 
 def _floats(s: str, what: str) -> list[float]:
+    """--alpha: comma-separated finite numbers."""
+    items = _csv(s, what)
     try:
-        return [float(x) for x in _csv(s)]
-    except ValueError:
-        raise BenchError(f"{what} must be comma-separated numbers, e.g. 1,0.3; got {s!r}") from None
+        return [coerce(x, float, what) for x in items]
+    except BenchError:
+        raise BenchError(f"{what} must be comma-separated finite numbers, e.g. 1,0.3; got {s!r}") from None
+
+
+def check_output_dir(path: Path, option: str) -> None:
+    """A folder the command will write into: it (or, if missing, its nearest existing parent) must be
+    a writable folder. Checked before anything runs, so that nothing is trained and then lost."""
+    p = Path(path)
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "" if probe == p else f" (its parent {probe} is a file)"
+        raise BenchError(f"{option} {p} is not a folder{where}; give a folder to write into")
+    if not os.access(probe if probe.exists() else Path.cwd(), os.W_OK | os.X_OK):
+        raise BenchError(f"{option} {p} is not writable (no write permission on {probe}); give a writable folder")
 
 
 def task_for_reward(reward: str) -> str:
@@ -76,100 +110,84 @@ def task_for_reward(reward: str) -> str:
     raise BenchError(f"reward {reward!r} is offered by several tasks ({', '.join(hits)}); name one with --task")
 
 
-def expand_suite(path: Path, extra: dict[str, Any], seeds: list[int] | None = None) -> tuple[str, str, list[RunConfig], dict[str, Any]]:
-    """A suite YAML -> (name, description, run configs, options)."""
-    data = load_yaml(path)
-    name = str(data.get("name", path.stem))
-    entries = data.get("runs")
-    if not isinstance(entries, list) or not entries:
-        raise BenchError(f"malformed suite {path}: expected a non-empty 'runs' list")
-    cfgs: list[RunConfig] = []
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict) or "task" not in e or "methods" not in e:
-            raise BenchError(f"malformed suite {path}: runs[{i}] needs 'task' and 'methods'")
-        unknown = set(e) - {"task", "methods", "alphas", "seeds", "reward", "set", "method_sets"}
-        if unknown:
-            raise BenchError(f"malformed suite {path}: runs[{i}] has unknown keys {sorted(unknown)}; accepted: task, methods, alphas, seeds, reward, set, method_sets")
-        task_cls = TASKS.get(e["task"])
-        for m in e["methods"]:
-            for a in e.get("alphas", [task_cls.default_alpha]):
-                for s in seeds if seeds is not None else e.get("seeds", [0, 1, 2]):
-                    layers = [e.get("set", {}) or {}, (e.get("method_sets", {}) or {}).get(m, {}) or {}, extra]
-                    cfgs.append(resolve(e["task"], m, s, alpha=a, reward=e.get("reward"), layers=layers))
-    return name, str(data.get("description", "")), cfgs, {k: data[k] for k in ("jobs",) if k in data}
+def suite_path(suite: str | None) -> Path:
+    """A suite name (bench/configs/suites/<name>.yaml) or a YAML path; None: the default suite."""
+    if suite and suite.endswith((".yaml", ".yml")):
+        return Path(suite)
+    path = CONFIG_DIR / "suites" / f"{suite or 'default'}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "suites").glob("*.yaml")))
+        raise BenchError(f"unknown suite {suite!r}; known suites: {known}")
+    return path
 
 
-def _run_parallel(cfgs: list[RunConfig], root: Path, jobs: int, force: bool, progress: bool) -> list[dict[str, Any]]:
-    from bench.app.runner import run_many
+def _run_spec(task: str | None, methods: str | None, reward: str | None, alphas: str | None, seeds: str | None,
+              sets: list[str], config: Path | None, suite: str | None) -> Any:
+    """`bench run`'s options as a grid: a suite file, or one block from --task/--methods; --seeds,
+    --alpha and --reward replace the blocks' lists, --config and --set override every cell."""
+    from bench.app.grid import Overrides, _flatten, grid_from_dict, load_grid
 
-    if jobs <= 1 or len(cfgs) <= 1:
-        return run_many(cfgs, root, force=force, progress=progress)
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    results: list[Any] = [None] * len(cfgs)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(cfgs), desc=f"runs ({jobs} at a time)", dynamic_ncols=True)
-    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(threads,)) as ex:
-        futs = {ex.submit(_worker_run, c.to_dict(), str(root), force): i for i, c in enumerate(cfgs)}
-        for f in cf.as_completed(futs):
-            results[futs[f]] = f.result()
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    return results
-
-
-def _worker_init(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def _worker_run(cfg_dict: dict[str, Any], root: str, force: bool) -> dict[str, Any]:
-    from bench.app.config import config_from_dict
-    from bench.app.runner import run_one
-
-    return run_one(config_from_dict(cfg_dict), Path(root), force=force, progress=False)
+    layer = load_yaml(config) if config is not None else {}
+    check_layer(layer, f"config file {config}")
+    over = Overrides(sets=_flatten(parse_sets(sets), "--set"), layer=layer,
+                     seeds=tuple(_ints(seeds, "--seeds")) if seeds is not None else None,
+                     alphas=tuple(_floats(alphas, "--alpha")) if alphas is not None else None,
+                     rewards=(reward,) if reward is not None else None)
+    if suite or not (task or methods or reward):
+        if task or methods:
+            raise BenchError("--suite runs the suite's own tasks and methods; drop --task/--methods, or drop --suite")
+        return load_grid(suite_path(suite), overrides=over, what="suite")
+    names = _csv(methods, "--methods") if methods is not None else []
+    if not names:
+        raise BenchError(f"--methods is required with --task/--reward; known methods: {', '.join(METHODS.names())}")
+    task = TASKS.canonical(task or (task_for_reward(reward) if reward else DEFAULT_TASK))
+    return grid_from_dict({"task": task, "methods": names}, "the command line", task, over)
 
 
 # ---- executors (bench/app/grid.py): options shared by `run` and `grid` ------------------------------------------
 
 PARTITION_OPT = typer.Option(None, "--partition", help="Slurm partition")
-GPUS_OPT = typer.Option(None, "--gpus", help="Slurm: GPUs per job")
-CPUS_OPT = typer.Option(None, "--cpus", help="Slurm: CPU cores per job")
-MEM_OPT = typer.Option(None, "--mem", help="Slurm: memory per job, GB")
-TIME_OPT = typer.Option(None, "--time", help="Slurm: time limit per job, minutes (jobs checkpoint and requeue at the limit)")
+GPUS_OPT = typer.Option(None, "--gpus", min=0, help="Slurm: GPUs per job")
+CPUS_OPT = typer.Option(None, "--cpus", min=1, help="Slurm: CPU cores per job")
+MEM_OPT = typer.Option(None, "--mem", min=0, help="Slurm: memory per job, GB")
+TIME_OPT = typer.Option(None, "--time", min=1, help="Slurm: time limit per job, minutes (jobs checkpoint and requeue at the limit)")
 ACCOUNT_OPT = typer.Option(None, "--account", help="Slurm account")
 SBATCH_OPT = typer.Option([], "--sbatch", help="extra sbatch flag, key=value (e.g. qos=high); repeatable")
 WAIT_OPT = typer.Option(True, "--wait/--no-wait", help="Slurm: wait for the jobs (else submit and return; see bench status)")
+QUIET_OPT = typer.Option(False, "--quiet", help="no progress bars (there are none when stderr is not a terminal)")
 
 
 def _slurm_cli(partition: str | None, gpus: int | None, cpus: int | None, mem: float | None, time_min: int | None,
                account: str | None, sbatch: list[str]) -> dict[str, Any]:
     from bench.app.grid import parse_sbatch
 
+    if mem is not None:
+        coerce(mem, float, "--mem")  # finite
     return {"partition": partition, "gpus_per_node": gpus, "cpus_per_task": cpus, "mem_gb": mem, "timeout_min": time_min,
             "account": account, "additional": parse_sbatch(sbatch) or None}
 
 
 def _submit_cells(cells: list[Any], name: str, description: str, executor: str, runs_dir: Path, results_dir: Path,
-                  max_parallel: int, slurm: Any, force: bool, wait: bool, report: bool) -> None:
-    """Submit cells through bench.app.grid, wait, report failures, write results/<name>/ for the finished ones."""
+                  max_parallel: int, slurm: Any, force: bool, wait: bool, report: bool, progress: bool) -> None:
+    """Run cells through bench.app.grid.submit, write results/<name>/ for the finished ones, and end
+    as docs/cli.md says: failed cells listed, exit 1; every cell failed on the same bad input: exit 2."""
     from bench.app.grid import submit
     from bench.app.table import load_results
 
-    outcome = submit(cells, runs_dir, name, executor, slurm, max_parallel, force, wait, echo=typer.echo)
+    outcome = submit(cells, runs_dir, name, executor, slurm, max_parallel, force, wait, echo=typer.echo, progress=progress)
+    finished = [c for c, why in outcome.skipped if why == "finished"]
+    if finished:
+        typer.echo(f"{len(finished)} of {len(cells)} cells finished earlier (skipped; --force reruns them)")
     for c, why in outcome.skipped:
-        typer.echo(f"skipped {c.label}: {why}")
+        if why != "finished":
+            typer.echo(f"skipped {c.label}: {why}")
     if executor == "slurm" and not wait:
         typer.echo(f"{len(outcome.submitted)} cells submitted; follow them with `bench status`")
         return
+    reasons = {why for _, why in outcome.failed}
+    if outcome.failed and not outcome.done and len(reasons) == 1 and {c.rel() for c, _ in outcome.failed} <= outcome.bad_input:
+        outcome.discard(runs_dir)
+        raise BenchError(reasons.pop())  # the same bad input stopped every cell: one line, exit 2
     results = load_results([c.dir(runs_dir) for c in cells])
     if report and results:
         from bench.app.report import write_report
@@ -180,27 +198,33 @@ def _submit_cells(cells: list[Any], name: str, description: str, executor: str, 
     if outcome.failed:
         for c, why in outcome.failed:
             typer.echo(f"failed: {c.label}: {why}", err=True)
+        typer.echo(f"error: {len(outcome.failed)} of {len(cells)} cells failed; rerun the same command to retry them "
+                   "(finished cells are skipped)", err=True)
         raise typer.Exit(1)
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
 
 
 @app.command()
 def run(
     task: Optional[str] = typer.Option(None, "--task", help="task name (bench ls tasks); default: the one the reward selects, else gmm-ring8"),
     methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated method names (bench ls methods)"),
-    reward: Optional[str] = typer.Option(None, "--reward", help="training reward (default: the task's)"),
-    alphas: Optional[str] = typer.Option(None, "--alpha", help="comma-separated KL weights α in nats (default: the task's)"),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated seeds (default 0,1,2, or the suite's)"),
-    sets: List[str] = typer.Option([], "--set", help="override, key=value (alpha, method.X, task.X, sampler.X, train.X); repeatable"),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of overrides (same keys as --set, nested)"),
-    suite: Optional[str] = typer.Option(None, "--suite", help="a suite name (bench/configs/suites) or YAML path; plain `bench run` runs 'default'"),
+    reward: Optional[str] = typer.Option(None, "--reward", help="training reward (default: the task's; with --suite: replaces the suite's)"),
+    alphas: Optional[str] = typer.Option(None, "--alpha", help="comma-separated KL weights α in nats (default: the task's, or the suite's)"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated seeds in [0, 2**63) (default 0,1,2, or the suite's)"),
+    sets: List[str] = typer.Option([], "--set", help="override, key=value (alpha, method.X, task.X, sampler.X, train.X); a YAML list sweeps, e.g. 'method.lr=[1e-3,3e-4]'; repeatable"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of overrides (same keys as --set, nested; --set wins)"),
+    suite: Optional[str] = typer.Option(None, "--suite", help="a suite name (bench/configs/suites) or a grid YAML path; plain `bench run` runs 'default'"),
     name: Optional[str] = typer.Option(None, "--name", help="results folder name (default: the suite's or the task's)"),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="where run folders go"),
     results_dir: Path = typer.Option(Path("results"), "--results-dir", help="where tables and figures go"),
-    jobs: int = typer.Option(0, "--jobs", help="runs in parallel processes (0: the suite's setting, else 1)"),
+    jobs: int = typer.Option(0, "--jobs", min=0, help="runs at once (0: the suite's max_parallel, else 1); above 1 they run as local processes"),
     force: bool = typer.Option(False, "--force", help="re-run finished runs from scratch"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved runs and exit"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
-    executor: Optional[str] = typer.Option(None, "--executor", help="run each run as a submitit job: slurm, local or debug (default: in this process)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved runs (one JSON config a line) and exit"),
+    quiet: bool = QUIET_OPT,
+    executor: Optional[str] = typer.Option(None, "--executor", help="debug (this process), local (processes here) or slurm; default: debug, local with --jobs above 1"),
     partition: Optional[str] = PARTITION_OPT,
     gpus: Optional[int] = GPUS_OPT,
     cpus: Optional[int] = CPUS_OPT,
@@ -211,47 +235,22 @@ def run(
     wait: bool = WAIT_OPT,
 ) -> None:
     """Run every (method × α × seed) combination and write a paper-style table under results/."""
-    extra = merge(load_yaml(config) if config else {}, parse_sets(sets))
-    seed_list = _ints(seeds or "0,1,2", "--seeds")
-    description = ""
-    opts: dict[str, Any] = {}
-    if suite or not (task or methods or reward):
-        path = Path(suite) if suite and suite.endswith((".yaml", ".yml")) else CONFIG_DIR / "suites" / f"{suite or 'default'}.yaml"
-        if not path.exists():
-            known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "suites").glob("*.yaml")))
-            raise BenchError(f"unknown suite {suite!r}; known suites: {known}")
-        explicit_seeds = seed_list if seeds else None
-        suite_name, description, cfgs, opts = expand_suite(path, extra, explicit_seeds)
-        name = name or suite_name
-    else:
-        if not methods:
-            raise BenchError(f"--methods is required with --task/--reward; known methods: {', '.join(METHODS.names())}")
-        task = task or (task_for_reward(reward) if reward else DEFAULT_TASK)
-        task = TASKS.canonical(task)
-        alpha_list = _floats(alphas, "--alpha") if alphas else [None]
-        cfgs = [resolve(task, m, s, alpha=a, reward=reward, layers=[extra]) for m in _csv(methods) for a in alpha_list for s in seed_list]
-        name = name or task
+    from bench.app.grid import expand
+
+    spec = _run_spec(task, methods, reward, alphas, seeds, sets, config, suite)
+    cells = expand(spec)
+    name = name or spec.name
     if dry_run:
-        for c in cfgs:
-            typer.echo(json.dumps(c.to_dict()))
-        typer.echo(f"{len(cfgs)} runs; results -> {results_dir / name}", err=True)
+        for c in cells:
+            typer.echo(json.dumps(c.cfg.to_dict()))
+        typer.echo(f"{len(cells)} runs; results -> {results_dir / name}", err=True)
         return
-    from bench.app.report import write_report
-    from bench.app.runner import run_dir
-
-    if executor:  # bench/app/grid.py: one submitit job per run
-        from bench.app.grid import Cell, SlurmParams
-
-        slurm = SlurmParams().merged(_slurm_cli(partition, gpus, cpus, mem, time_min, account, sbatch))
-        _submit_cells([Cell(c) for c in cfgs], name, description, executor, runs_dir, results_dir, jobs or int(opts.get("jobs", 0)),
-                      slurm, force, wait, report=True)
-        return
-    n_jobs = jobs or int(opts.get("jobs", 1))
-    results = _run_parallel(cfgs, runs_dir, n_jobs, force, progress=not quiet)
-    for c, r in zip(cfgs, results):
-        r["_dir"] = str(run_dir(runs_dir, c))
-    out = write_report(name, results, runs_dir, results_dir, description)
-    typer.echo(f"{len(results)} runs done; table: {out / 'table.md'}")
+    check_output_dir(runs_dir, "--runs-dir")
+    check_output_dir(results_dir, "--results-dir")
+    max_parallel = jobs or spec.max_parallel
+    slurm = spec.slurm.merged(_slurm_cli(partition, gpus, cpus, mem, time_min, account, sbatch))
+    _submit_cells(cells, name, spec.description, executor or ("local" if max_parallel > 1 else "debug"), runs_dir, results_dir,
+                  max_parallel, slurm, force, wait, report=True, progress=_progress(quiet))
 
 
 @app.command("ls")
@@ -290,7 +289,7 @@ def table(
     time: bool = typer.Option(True, "--time/--no-time", help="include the wall-time column (--no-time: comparable across machines)"),
 ) -> None:
     """Tables (mean ± std over seeds with n) of finished runs."""
-    from bench.app.table import find_runs, groups, load_paper, load_results, long_rows, make_table
+    from bench.app.table import groups, load_paper, load_results, long_rows, make_table
 
     published = load_paper(paper_file) if (paper or paper_file) else None
 
@@ -340,18 +339,20 @@ def table(
         typer.echo(text)
 
 
+
+
 @app.command()
 def prepare(
     task: str = typer.Argument(..., help="task name (bench ls tasks), e.g. digits"),
     sets: List[str] = typer.Option([], "--set", help="task.X=value overrides of the task config (as in bench run); repeatable"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    quiet: bool = QUIET_OPT,
 ) -> None:
     """Train and cache a task's local pieces (e.g. digits: base model, rewards, judges, SIR pool)."""
     from bench.app.config import apply_dict
 
     name = TASKS.canonical(task)
     task_cls = TASKS.get(name)
-    over = parse_sets(sets)
+    over = parse_sets(sets, sweeps=False)
     if set(over) - {"task"}:
         raise BenchError(f"bench prepare accepts only task.X overrides, got {', '.join(sorted(set(over) - {'task'}))}")
     preset_path = CONFIG_DIR / "tasks" / f"{name}.yaml"
@@ -362,7 +363,7 @@ def prepare(
         obj.build_backbone()
         typer.echo(f"{name}: backbone built; nothing else to prepare")
         return
-    summary = obj.prepare(progress=not quiet)
+    summary = obj.prepare(progress=_progress(quiet))
     for k, v in summary.items():
         if isinstance(v, dict):
             typer.echo(f"{k}:")
@@ -374,13 +375,13 @@ def prepare(
 
 @app.command()
 def grid(
-    path: Path = typer.Argument(..., help="grid YAML: tasks, methods, rewards, alphas, seeds, set sweeps, slurm (see bench/app/grid.py)"),
+    path: Path = typer.Argument(..., help="grid YAML: tasks, methods, rewards, alphas, seeds, set sweeps, runs (blocks), slurm (see bench/app/grid.py)"),
     executor: str = typer.Option("local", "--executor", help="slurm (one job per cell, a job array), local (processes here) or debug (in this process)"),
     sets: List[str] = typer.Option([], "--set", help="override key=value for every cell; a YAML list sweeps, e.g. 'alpha=[1,0.3]'; repeatable"),
     name: Optional[str] = typer.Option(None, "--name", help="results folder and manifest name (default: the grid's)"),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="where run folders go"),
     results_dir: Path = typer.Option(Path("results"), "--results-dir", help="where tables and figures go"),
-    jobs: int = typer.Option(0, "--jobs", help="cells running at once (0: the grid's max_parallel; Slurm: all, local: cores/2)"),
+    jobs: int = typer.Option(0, "--jobs", min=0, help="cells running at once (0: the grid's max_parallel; Slurm: all, local: cores/2)"),
     partition: Optional[str] = PARTITION_OPT,
     gpus: Optional[int] = GPUS_OPT,
     cpus: Optional[int] = CPUS_OPT,
@@ -392,8 +393,9 @@ def grid(
     report: bool = typer.Option(True, "--report/--no-report", help="write results/<name>/ (tables, figures) when the cells are done"),
     force: bool = typer.Option(False, "--force", help="delete the cells' run folders and run them from scratch"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells (run / skipped, and why) and exit"),
+    quiet: bool = QUIET_OPT,
 ) -> None:
-    """Run a grid (tasks × rewards × methods × α × --set sweeps × seeds); finished cells are skipped."""
+    """Run a grid (blocks of tasks × rewards × methods × α × --set sweeps × seeds); finished cells are skipped."""
     from bench.app.grid import expand, load_grid, plan
 
     spec = load_grid(path, sets)
@@ -406,13 +408,17 @@ def grid(
             typer.echo(f"{'run ' if c.rel() not in why else 'skip'}  {c.label}  -> {runs_dir / c.rel()}" + (f"  ({why[c.rel()]})" if c.rel() in why else ""))
         typer.echo(f"{len(cells)} cells: {len(todo)} to run, {len(skipped)} skipped; executor {executor}", err=True)
         return
+    check_output_dir(runs_dir, "--runs-dir")
+    if report:
+        check_output_dir(results_dir, "--results-dir")
     slurm = spec.slurm.merged(_slurm_cli(partition, gpus, cpus, mem, time_min, account, sbatch))
-    _submit_cells(cells, name, spec.description, executor, runs_dir, results_dir, jobs or spec.max_parallel, slurm, force, wait, report)
+    _submit_cells(cells, name, spec.description, executor, runs_dir, results_dir, jobs or spec.max_parallel, slurm, force, wait, report,
+                  progress=_progress(quiet))
 
 
 @app.command()
 def status(
-    target: Path = typer.Argument(..., help="a grid YAML (its cells), or a runs folder (every run and submission in it)"),
+    target: Path = typer.Argument(..., help="a grid or suite YAML (its cells), or a runs folder (every run and submission in it)"),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="where the grid's run folders are (with a grid YAML)"),
     sets: List[str] = typer.Option([], "--set", help="the --set overrides the grid was submitted with"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per cell"),
@@ -458,31 +464,114 @@ def plot(
     for m in (x_metric, y_metric):
         if m.split("@")[0] not in METRICS:
             raise BenchError(f"unknown metric {m!r}; known: {', '.join(METRICS.names())}")
-    written = make_figures(results, out, _csv(kinds), _csv(formats), x_metric=x_metric, y_metric=y_metric, reference=reference)
+    written = make_figures(results, out, _csv(kinds, "--kind"), _csv(formats, "--format"), x_metric=x_metric, y_metric=y_metric, reference=reference)
     for kind, files in written.items():
         for f in files:
             typer.echo(f"{kind}: {f}")
 
 
-def main() -> None:
-    """Entry point: BenchError -> one line on stderr, exit code 2, no traceback."""
-    try:
-        app(standalone_mode=False)
-    except BenchError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(1)
-    except Exception as e:  # click usage errors
-        import click
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+# ---- the entry point: one error path (docs/cli.md) ---------------------------------------------------------------
+
+
+def _click_exceptions(name: str) -> tuple[type, ...]:
+    """Exception class `name` of click and of typer's bundled copy of click (whichever exist)."""
+    out = []
+    for mod in ("typer._click.exceptions", "click.exceptions", "typer.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(mod), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in out:
+            out.append(cls)
+    return tuple(out)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _say(line: str) -> None:
+    """One line on stderr, after closing any progress bar (so that the two never share a line)."""
+    tqdm_mod = sys.modules.get("tqdm")
+    if tqdm_mod is not None:
+        for bar in list(getattr(tqdm_mod.tqdm, "_instances", ())):
+            try:
+                bar.close()
+            except Exception:
+                pass
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+
+
+def _log_traceback(args: list[str]) -> Path:
+    """Write the current exception's traceback to <runs-dir>/_logs/<time>.log (a temp folder if that is
+    not a writable folder) and return the file."""
+    runs = Path("runs")
+    for i, a in enumerate(args):
+        if a == "--runs-dir" and i + 1 < len(args):
+            runs = Path(args[i + 1])
+        elif a.startswith("--runs-dir="):
+            runs = Path(a.split("=", 1)[1])
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    text = f"bench {' '.join(args)}\n\n{traceback.format_exc()}"
+    for folder in ((runs / "_logs") if runs.is_dir() else None, Path(tempfile.gettempdir()) / "bench-logs"):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{stamp}.log"
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return Path("(unwritable: no log)")
+
+
+def _run_app(args: list[str]) -> int:
+    """Run the typer app on `args`; every way it can end becomes an exit code, with at most one line on stderr."""
+    usage, exits, aborts = _click_exceptions("UsageError"), _click_exceptions("Exit"), _click_exceptions("Abort")
+    no_args, clicks = _click_exceptions("NoArgsIsHelpError"), _click_exceptions("ClickException")
+    cmd = typer.main.get_command(app)
+    try:
+        with cmd.make_context("bench", list(args)) as ctx:
+            cmd.invoke(ctx)
+        return 0
+    except exits as e:  # --help, typer.Exit(code)
+        return int(getattr(e, "exit_code", 0) or 0)
+    except no_args as e:  # plain `bench`: the help
+        typer.echo(e.format_message())
+        return 0
+    except usage as e:
+        where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "bench"
+        _say(f"error: {_one_line(e.format_message()).rstrip('.')}; see '{where} --help'")
+        return 2
+    except clicks as e:  # e.g. a file option that cannot be opened
+        _say(f"error: {_one_line(e.format_message())}")
+        return 2
+    except BenchError as e:
+        _say(f"error: {_one_line(e)}")
+        return 2
+    except (KeyboardInterrupt, *aborts):
+        _say(INTERRUPTED)
+        return 130
+    except Exception as e:
+        path = _log_traceback(args)
+        msg = _one_line(e)[:300]
+        _say(f"error: internal error ({type(e).__name__}: {msg}); full traceback in {path}")
+        return 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `bench` console entry point; callable in-process. Always ends with SystemExit: 0 done,
+    1 failed cells or an internal error, 2 bad input (one line "error: ..."), 130 interrupted (docs/cli.md)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = _run_app(args)
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        _say(INTERRUPTED)
+        code = 130
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ what is accepted.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -129,22 +130,37 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             if s in ("false", "0", "no", "off"):
                 return False
             raise ValueError
-        if typ is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
+        if typ in (int, float):
+            return _number(value, typ, key)
         if typ is str:
+            if isinstance(value, (dict, list, tuple)):
+                raise TypeError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         name = getattr(typ, "__name__", str(typ))
         raise BenchError(f"{key} expects {name}, got {value!r}") from None
     return value
+
+
+def _number(value: Any, typ: type, key: str) -> int | float:
+    """An int or float field's value: finite (no nan, inf, 1e999), an int without a fraction."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError
+    x = float(value)  # ValueError on text that is no number
+    if not math.isfinite(x):
+        raise BenchError(f"{key} must be a finite number, got {value!r}")
+    if typ is float:
+        return x
+    if isinstance(value, int):
+        return value
+    if not x.is_integer():
+        raise ValueError
+    return int(x) if isinstance(value, float) or "e" in value.lower() or "." in value else int(value)
+
+
+def coerce(value: Any, typ: Any, key: str) -> Any:
+    """`value` as type `typ` (int, float, bool, str, tuples, optionals), or a one-line BenchError naming `key`."""
+    return _coerce(value, typ, key)
 
 
 def apply_dict(obj: Any, overrides: dict[str, Any], prefix: str) -> Any:
@@ -166,21 +182,39 @@ def apply_dict(obj: Any, overrides: dict[str, Any], prefix: str) -> Any:
         raise BenchError(f"invalid {prefix.rstrip('.')} settings: {e}") from None
 
 
-def parse_sets(items: Iterable[str]) -> dict[str, Any]:
-    """["method.lr=1e-3", "alpha=0.3"] -> {"method": {"lr": "1e-3"}, "alpha": "0.3"}."""
+def parse_sets(items: Iterable[str], sweeps: bool = True) -> dict[str, Any]:
+    """The one `--set key=value` parser: ["method.lr=1e-3", "alpha=[1, 0.3]"] ->
+    {"method": {"lr": "1e-3"}, "alpha": [1, 0.3]}.
+
+    Values stay text (each field coerces its own); a value written as a YAML list is a sweep (a
+    list of values, one cell each) when `sweeps`, else text like any other (a list-valued field).
+    """
     out: dict[str, Any] = {}
     for item in items:
-        if "=" not in item or not item.split("=", 1)[0].strip():
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or not key:
             raise BenchError(f"malformed --set {item!r}: expected key=value, e.g. method.lr=1e-3 or alpha=0.3")
-        key, value = (s.strip() for s in item.split("=", 1))
         parts = key.split(".")
-        if len(parts) > 2:
+        if len(parts) > 2 or not all(parts):
             raise BenchError(f"malformed --set key {key!r}: use alpha, reward, or <section>.<field> with section in method, task, sampler, train")
+        val: Any = _sweep(item, value) if sweeps and value.startswith("[") and value.endswith("]") else value
         if len(parts) == 2:
-            out.setdefault(parts[0], {})[parts[1]] = value
+            if not isinstance(out.get(parts[0], {}), dict):
+                raise BenchError(f"malformed --set {item!r}: {parts[0]} is set both as a value and as a section")
+            out.setdefault(parts[0], {})[parts[1]] = val
         else:
-            out[key] = value
+            out[key] = val
     return out
+
+
+def _sweep(item: str, value: str) -> list[Any]:
+    try:
+        values = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise BenchError(f"malformed sweep in --set {item!r}: expected a YAML list, e.g. [1, 0.3]") from None
+    if not isinstance(values, list) or not values:
+        raise BenchError(f"malformed sweep in --set {item!r}: a sweep lists at least one value, e.g. [1, 0.3]")
+    return values
 
 
 SECTIONS = ("method", "task", "sampler", "train")
@@ -199,16 +233,24 @@ def merge(*layers: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
+def load_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; anything else is one line of BenchError."""
+    path = Path(path)
+    if path.is_dir():
+        raise BenchError(f"{what} {str(path)!r} is a folder; give a YAML file")
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise BenchError(f"config file {str(path)!r} not found") from None
+        raise BenchError(f"{what} {str(path)!r} not found") from None
+    except UnicodeDecodeError:
+        raise BenchError(f"{what} {str(path)!r} is not a text (UTF-8 YAML) file") from None
+    except OSError as e:
+        raise BenchError(f"cannot read {what} {str(path)!r}: {e.strerror or type(e).__name__}") from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BenchError(f"malformed YAML in {path}: {first}") from None
     if not isinstance(data, dict):
-        raise BenchError(f"malformed config {path}: expected a mapping at the top level")
+        raise BenchError(f"malformed {what} {path}: expected a mapping (key: value lines) at the top level, got {type(data).__name__}")
     return data
 
 
@@ -262,7 +304,19 @@ def resolve(task: str, method: str, seed: int, alpha: float | None = None, rewar
         cls_ = entry.obj if entry else None
         if cls_ is not None and getattr(cls_, "differentiable", True) is False:
             raise BenchError(f"method {method} needs a differentiable reward, but {r!r} is not; use a method that only queries rewards (e.g. ddpo)")
-    return RunConfig(task, method, r, a, int(seed), task_cfg, method_cfg, sampler, train)
+    return RunConfig(task, method, r, a, check_seed(seed), task_cfg, method_cfg, sampler, train)
+
+
+MAX_SEED = 2**63
+"seeds are integers in [0, 2**63) (torch generators take 64-bit seeds; JSON and hashes keep them exact)"
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """A seed as an int in [0, 2**63); anything else (negative, fractional, text, nan) is a BenchError."""
+    s = _coerce(seed, int, what)
+    if not 0 <= s < MAX_SEED:
+        raise BenchError(f"{what} must be an integer in [0, 2**63), got {seed!r}")
+    return s
 
 
 def config_from_dict(d: dict[str, Any]) -> RunConfig:

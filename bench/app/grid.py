@@ -1,8 +1,10 @@
-"""Grids of runs on a cluster: expansion, submission through submitit, preemption, cell states.
+"""Grids of runs: one sweep format (grid files and suites), expansion, submission through submitit
+(debug, local, Slurm), preemption, cell states.
 
     bench grid my_grid.yaml --dry-run                          # the cells, and which would run
     bench grid my_grid.yaml --executor slurm --partition gpu --gpus 1 --time 240
     bench grid my_grid.yaml --executor local                   # no Slurm: processes on this machine
+    bench run --suite baselines                                # a suite is a grid file (bench/configs/suites)
     bench status my_grid.yaml                                  # done / running / pending / failed
 
 A grid file (YAML; every key but `methods` optional):
@@ -11,7 +13,7 @@ A grid file (YAML; every key but `methods` optional):
     description: one paragraph for results/<name>/table.md
     tasks: [gmm-ring8]             # or `task: gmm-ring8` (default gmm-ring8)
     methods: [sqdf, draft]
-    rewards: [quadratic]           # default: each task's default reward (a reward a task lacks is skipped for it)
+    rewards: [quadratic]           # or `reward:`; default: each task's (a reward a task lacks is skipped for it)
     alphas: [3, 1, 0.3]            # KL weights α in nats (default: each task's default α)
     seeds: [0, 1, 2]               # default 0, 1, 2
     set:                           # overrides of every cell; a LIST is a SWEEP (cartesian product)
@@ -30,10 +32,19 @@ A grid file (YAML; every key but `methods` optional):
       additional: {qos: high}      # any other sbatch flag
       setup: ["module load cuda/12.4"]
 
+Several blocks: `runs:` lists blocks (mappings of task(s), methods, reward(s), alphas, seeds, set,
+method_sets); the block keys at the top level are then shared by every block (an entry's own
+keys win; `set` and `method_sets` are merged), and cells are listed block after block, a cell
+that two blocks both name only once. The suites in bench/configs/suites are such files.
+
 Cells are tasks × rewards × methods × alphas × sweeps × seeds, each a resolved RunConfig (bad
-keys fail before anything is submitted). `set` keys are dotted (`method.lr`) or nested
-(`method: {lr: ...}`); on the command line `--set 'alpha=[1,0.3]'` sweeps and `--set alpha=1`
-fixes. A field that itself holds a list is given as a string ("a,b") or swept as a list of lists.
+keys and values fail with one line before anything is submitted; a single value where a list is
+expected is a one-element list). `set` keys are dotted (`method.lr`) or nested (`method: {lr: ...}`).
+The command line changes every block (`Overrides`): `--set` (bench/app/config.py `parse_sets`, the
+one parser; `--set 'alpha=[1,0.3]'` sweeps, `--set alpha=1` fixes) wins over the file's `set` and
+`method_sets`, `--config` sits between them, and `bench run`'s `--seeds`, `--alpha`, `--reward`
+replace the blocks' lists. A field that itself holds a list is given as a string ("a,b") or swept
+as a list of lists.
 
 Submission (`submit`): cells whose run folder has final.json are skipped, as are cells already
 queued or running under an earlier submission; each remaining cell becomes one submitit job
@@ -64,16 +75,27 @@ import signal
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import yaml
-
-from bench.app.config import RunConfig, config_from_dict, load_yaml, resolve
+from bench.app.config import (
+    SECTIONS,
+    TOP_LEVEL,
+    RunConfig,
+    apply_dict,
+    check_seed,
+    coerce,
+    config_from_dict,
+    load_yaml,
+    parse_sets,
+    resolve,
+)
 from bench.core.io import dump_json
+from bench.core import errors
 from bench.core.errors import BenchError
-from bench.core.registry import METHODS, TASKS
+from bench.core.registry import METHODS, REWARDS, TASKS
 
 log = logging.getLogger(__name__)
 
@@ -121,18 +143,20 @@ class SlurmParams:
             raise BenchError("slurm.additional must be a mapping of sbatch flags, e.g. {qos: high}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "SlurmParams":
-        d = dict(d or {})
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
+    def from_dict(cls, d: Any, where: str = "grid") -> "SlurmParams":
+        """`slurm:` of a grid file, every value checked and coerced to its field's type."""
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise BenchError(f"malformed {where}: 'slurm' must be a mapping (partition, gpus_per_node, ...), got {d!r}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(map(str, d)) - set(names))
         if unknown:
             raise BenchError(f"unknown slurm keys {unknown}; accepted: {', '.join(sorted(names))}")
-        if "setup" in d:
-            d["setup"] = tuple(d["setup"] if isinstance(d["setup"], (list, tuple)) else [d["setup"]])
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise BenchError(f"invalid slurm settings: {e}") from None
+        d = dict(d)
+        if isinstance(d.get("setup"), str):
+            d["setup"] = [d["setup"]]
+        return apply_dict(cls(), d, "slurm.")
 
     def merged(self, overrides: dict[str, Any]) -> "SlurmParams":
         """A copy with the non-None command-line values applied ("additional" is merged)."""
@@ -170,6 +194,50 @@ def parse_sbatch(items: Iterable[str]) -> dict[str, Any]:
 
 # ---- grid files and cells ---------------------------------------------------------------------------------
 
+DEFAULT_TASK = "gmm-ring8"
+BLOCK_KEYS = ("task", "tasks", "methods", "reward", "rewards", "alphas", "seeds", "set", "method_sets")
+FILE_KEYS = ("name", "description", "max_parallel", "slurm", "runs")
+GRID_KEYS = FILE_KEYS + BLOCK_KEYS
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of cells: tasks × rewards × methods × alphas × `set` sweeps × seeds (a grid file
+    without `runs:` is one block; each `runs:` entry is one)."""
+
+    tasks: tuple[str, ...] = (DEFAULT_TASK,)
+    "task names (canonical)"
+    methods: tuple[str, ...] = ()
+    "method names (canonical)"
+    rewards: tuple[str, ...] = ()
+    "training rewards; empty: each task's default"
+    alphas: tuple[float, ...] = ()
+    "KL weights α in nats; empty: from `set`/--set alpha, else each task's default"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    "seeds of every configuration"
+    sets: dict[str, Any] = field(default_factory=dict)
+    "dotted key -> value, or -> list of values (a sweep), for every cell"
+    method_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    "method -> dotted key -> value or sweep, for that method's cells"
+    tagged: bool = False
+    "name this block's fixed settings in its cells' labels (files with several blocks)"
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Command-line changes to every block of a grid: they win over the file."""
+
+    sets: dict[str, Any] = field(default_factory=dict)
+    "--set: dotted key -> value or sweep"
+    layer: dict[str, Any] = field(default_factory=dict)
+    "--config: a nested layer of fixed values (alpha, reward, method: {...}, ...); --set wins over it"
+    seeds: tuple[int, ...] | None = None
+    "--seeds: replaces every block's seeds"
+    alphas: tuple[float, ...] | None = None
+    "--alpha: replaces every block's alphas"
+    rewards: tuple[str, ...] | None = None
+    "--reward: replaces every block's rewards"
+
 
 @dataclass(frozen=True)
 class GridSpec:
@@ -179,24 +247,14 @@ class GridSpec:
     "results/<name>/ and the manifest folder runs/_grids/<name>/"
     description: str = ""
     "a paragraph for the results page"
-    tasks: tuple[str, ...] = ("gmm-ring8",)
-    "task names (canonical)"
-    methods: tuple[str, ...] = ()
-    "method names (canonical)"
-    rewards: tuple[str, ...] = ()
-    "training rewards; empty: each task's default"
-    alphas: tuple[float, ...] = ()
-    "KL weights α in nats; empty: each task's default"
-    seeds: tuple[int, ...] = (0, 1, 2)
-    "seeds of every configuration"
-    sets: dict[str, Any] = field(default_factory=dict)
-    "dotted key -> value, or -> list of values (a sweep), for every cell"
-    method_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
-    "method -> dotted key -> value or sweep, for that method's cells"
+    blocks: tuple[Block, ...] = ()
+    "the blocks, in file order (cells in this order; a cell listed twice runs once)"
     max_parallel: int = 0
     "cells running at once (0: the executor's default)"
     slurm: SlurmParams = field(default_factory=SlurmParams)
     "each cell's Slurm job"
+    overrides: Overrides = field(default_factory=Overrides)
+    "command-line changes applied to every block"
 
 
 @dataclass(frozen=True)
@@ -205,6 +263,7 @@ class Cell:
 
     cfg: RunConfig
     sweep: tuple[tuple[str, Any], ...] = ()
+    tags: tuple[tuple[str, Any], ...] = ()
 
     def dir(self, root: Path) -> Path:
         from bench.app.runner import run_dir
@@ -217,22 +276,30 @@ class Cell:
     @property
     def label(self) -> str:
         c = self.cfg
-        extra = "".join(f" {k}={v}" for k, v in self.sweep)
+        extra = "".join(f" {k}={v}" for k, v in (*self.sweep, *self.tags))
         return f"{c.task} {c.method} {c.reward} α={c.alpha:g} seed={c.seed}{extra}"
 
 
-def _flatten(d: dict[str, Any], where: str) -> dict[str, Any]:
-    """{"method": {"lr": x}, "train.iterations": y} -> {"method.lr": x, "train.iterations": y}."""
+def _flatten(d: Any, where: str) -> dict[str, Any]:
+    """{"method": {"lr": x}, "train.iterations": y} -> {"method.lr": x, "train.iterations": y}, keys checked."""
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise BenchError(f"{where} must be a mapping of key: value (a list of values is a sweep), e.g. {{method.lr: [1.0e-3, 3.0e-4]}}; "
+                         f"got {type(d).__name__}")
     out: dict[str, Any] = {}
-    for k, v in (d or {}).items():
+    for k, v in d.items():
         if isinstance(v, dict):
             for kk, vv in v.items():
                 out[f"{k}.{kk}"] = vv
         else:
             out[str(k)] = v
-    for k in out:
-        if k.count(".") > 1:
-            raise BenchError(f"{where}: malformed key {k!r}; use alpha, reward or <section>.<field>")
+    for k, v in out.items():
+        head, _, tail = k.partition(".")
+        if k.count(".") > 1 or (head not in SECTIONS or not tail) and (head not in TOP_LEVEL or tail):
+            raise BenchError(f"{where}: malformed key {k!r}; use {', '.join(TOP_LEVEL)} or <section>.<field> with section in {', '.join(SECTIONS)}")
+        if isinstance(v, list) and not v:
+            raise BenchError(f"{where}: {k}: a sweep lists at least one value")
     return out
 
 
@@ -247,95 +314,166 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_cli_sets(items: Iterable[str]) -> dict[str, Any]:
-    """`--set key=value` for grids: a value written as a YAML list (`[1, 0.3]`) is a sweep."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, val = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise BenchError(f"malformed --set {item!r}: expected key=value, e.g. method.lr=1e-3 or 'alpha=[1,0.3]'")
-        val = val.strip()
-        if val.startswith("[") and val.endswith("]"):
-            try:
-                out[key] = list(yaml.safe_load(val))
-            except yaml.YAMLError:
-                raise BenchError(f"malformed sweep in --set {item!r}: expected a YAML list, e.g. [1, 0.3]") from None
-        else:
-            out[key] = val
+def _listed(e: dict[str, Any], key: str, default: list[Any], where: str) -> list[Any]:
+    """A list-valued key of a block; a scalar is a one-element list, an empty list is an error."""
+    v = e.get(key, default)
+    if v is None or isinstance(v, dict):
+        raise BenchError(f"{where}: '{key}' must be a list (or one value), got {v!r}")
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    if not v:
+        raise BenchError(f"{where}: '{key}' must list at least one value (leave it out for the default)")
+    return v
+
+
+def _names(values: list[Any], reg: Any, what: str, where: str) -> tuple[str, ...]:
+    if not all(isinstance(v, str) for v in values):
+        raise BenchError(f"{where}: '{what}' must be names (bench ls {reg.kind}s), got {values!r}")
+    return tuple(reg.canonical(v) for v in values)
+
+
+def _with_defaults(shared: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """A `runs:` entry over the file's top-level block keys (the entry's task/tasks, reward/rewards win as a pair)."""
+    out = {k: v for k, v in shared.items() if k not in ("set", "method_sets")}
+    for pair in (("task", "tasks"), ("reward", "rewards")):
+        if any(k in entry for k in pair):
+            for k in pair:
+                out.pop(k, None)
+    return {**out, **{k: v for k, v in entry.items() if k not in ("set", "method_sets")}}
+
+
+def _method_sets(layers: list[Any], where: str) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for ms in layers:
+        if ms is None:
+            continue
+        if not isinstance(ms, dict):
+            raise BenchError(f"{where}: 'method_sets' must map method names to settings, e.g. {{sqdf: {{method.gamma: 0.9}}}}")
+        for m, s in ms.items():
+            name = METHODS.canonical(str(m))
+            out[name] = {**out.get(name, {}), **_flatten(s, f"{where}: method_sets.{m}")}
     return out
 
 
-def _as_list(v: Any) -> list[Any]:
-    return list(v) if isinstance(v, (list, tuple)) else [v]
-
-
-def load_grid(path: Path, cli_sets: Iterable[str] = ()) -> GridSpec:
-    """Read and check a grid file; `cli_sets` (`--set`) override its `set:` entries."""
-    data = load_yaml(path)
-    unknown = sorted(set(data) - set(GRID_KEYS))
+def _block(entry: Any, where: str, over: Overrides, shared: dict[str, Any] | None = None, tagged: bool = False) -> Block:
+    """Check and canonicalize one block (task, methods, α, seeds, set sweeps) of a grid file."""
+    if not isinstance(entry, dict):
+        raise BenchError(f"{where} must be a mapping (methods, task, alphas, seeds, set, ...), got {entry!r}")
+    shared = shared or {}
+    unknown = sorted(set(map(str, entry)) - set(BLOCK_KEYS))
     if unknown:
-        raise BenchError(f"malformed grid {path}: unknown keys {unknown}; accepted: {', '.join(GRID_KEYS)}")
-    if "task" in data and "tasks" in data:
-        raise BenchError(f"malformed grid {path}: give 'task' or 'tasks', not both")
-    methods = data.get("methods")
-    if not methods:
-        raise BenchError(f"malformed grid {path}: 'methods' must list at least one method (bench ls methods)")
-    tasks = _as_list(data.get("tasks", data.get("task", "gmm-ring8")))
-    try:
-        seeds = tuple(int(s) for s in _as_list(data.get("seeds", [0, 1, 2])))
-        alphas = tuple(float(a) for a in _as_list(data.get("alphas", [])))
-        max_parallel = int(data.get("max_parallel", 0))
-    except (TypeError, ValueError):
-        raise BenchError(f"malformed grid {path}: seeds must be integers, alphas numbers, max_parallel an integer") from None
-    sets = {**_flatten(data.get("set") or {}, f"grid {path}: set"), **_flatten(parse_cli_sets(cli_sets), "--set")}
-    method_sets = {}
-    for m, s in (data.get("method_sets") or {}).items():
-        if not isinstance(s, dict):
-            raise BenchError(f"malformed grid {path}: method_sets.{m} must be a mapping")
-        method_sets[METHODS.canonical(str(m))] = _flatten(s, f"grid {path}: method_sets.{m}")
-    if alphas and ("alpha" in sets or any("alpha" in s for s in method_sets.values())):
-        raise BenchError(f"malformed grid {path}: give α either as 'alphas' or as a 'set: alpha' sweep, not both")
-    return GridSpec(
-        name=str(data.get("name", Path(path).stem)),
-        description=str(data.get("description", "")),
-        tasks=tuple(TASKS.canonical(str(t)) for t in tasks),
-        methods=tuple(METHODS.canonical(str(m)) for m in _as_list(methods)),
-        rewards=tuple(str(r) for r in _as_list(data.get("rewards", []))),
-        alphas=alphas,
-        seeds=seeds,
-        sets=sets,
-        method_sets=method_sets,
-        max_parallel=max_parallel,
-        slurm=SlurmParams.from_dict(data.get("slurm")),
-    )
+        raise BenchError(f"malformed {where}: unknown keys {unknown}; accepted: {', '.join(BLOCK_KEYS)}")
+    for a, b in (("task", "tasks"), ("reward", "rewards")):
+        if a in entry and b in entry:
+            raise BenchError(f"malformed {where}: give '{a}' or '{b}', not both")
+    e = _with_defaults(shared, entry)
+    if not e.get("methods"):
+        raise BenchError(f"malformed {where}: 'methods' must list at least one method (bench ls methods)")
+    tasks = _names(_listed(e, "tasks" if "tasks" in e else "task", [DEFAULT_TASK], where), TASKS, "tasks", where)
+    methods = _names(_listed(e, "methods", [], where), METHODS, "methods", where)
+    rkey = "rewards" if "rewards" in e else "reward"
+    rewards = _names(_listed(e, rkey, [], where), _RewardNames(), rkey, where) if e.get(rkey) is not None else ()
+    alphas = tuple(coerce(a, float, f"{where}: alphas") for a in _listed(e, "alphas", [], where)) if "alphas" in e else ()
+    seeds = tuple(check_seed(s, f"{where}: seeds") for s in _listed(e, "seeds", [0, 1, 2], where))
+    sets = {**_flatten(shared.get("set"), f"{where}: set"), **_flatten(entry.get("set"), f"{where}: set")}
+    method_sets = _method_sets([shared.get("method_sets"), entry.get("method_sets")], where)
+    for key, given, cli in (("alpha", alphas, over.alphas), ("reward", rewards, over.rewards)):
+        if given and (key in sets or any(key in s for s in method_sets.values())):
+            raise BenchError(f"malformed {where}: give {key} either as '{key}s' or as a 'set: {key}', not both")
+        if given and cli is None and (key in over.sets or key in over.layer):
+            raise BenchError(f"{where} lists {key}s; replace them with --{key}, not with --set/--config {key}")
+    if over.rewards is not None:
+        rewards = tuple(_RewardNames().canonical(r) for r in over.rewards)
+    return Block(tasks, methods, rewards, over.alphas if over.alphas is not None else alphas,
+                 over.seeds if over.seeds is not None else seeds, sets, method_sets, tagged)
+
+
+class _RewardNames:
+    """Reward names as a grid may give them: registered rewards (aliases canonicalized) and task-local ones."""
+
+    kind = "reward"
+
+    def canonical(self, name: str) -> str:
+        return REWARDS.canonical(name) if name in REWARDS else name
+
+
+def grid_from_dict(data: dict[str, Any], where: str, default_name: str, overrides: Overrides | None = None) -> GridSpec:
+    """A grid (or suite) as a mapping -> GridSpec; every key and value checked (one-line BenchError)."""
+    over = overrides or Overrides()
+    unknown = sorted(set(map(str, data)) - set(GRID_KEYS))
+    if unknown:
+        raise BenchError(f"malformed {where}: unknown keys {unknown}; accepted: {', '.join(GRID_KEYS)}")
+    shared = {k: v for k, v in data.items() if k in BLOCK_KEYS}
+    if "runs" in data:
+        entries = data["runs"]
+        if not isinstance(entries, list) or not entries:
+            raise BenchError(f"malformed {where}: 'runs' must be a non-empty list of blocks (mappings with methods, task, alphas, seeds, set)")
+        blocks = tuple(_block(e, f"{where}: runs[{i}]", over, shared, len(entries) > 1) for i, e in enumerate(entries))
+    else:
+        blocks = (_block(shared, where, over),)
+    name = data.get("name", default_name)
+    if not isinstance(name, (str, int)) or isinstance(name, bool) or not str(name).strip() or "/" in str(name) or str(name).startswith("."):
+        raise BenchError(f"malformed {where}: 'name' must be a folder name (no '/', not starting with '.'), got {name!r}")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise BenchError(f"malformed {where}: 'description' must be text")
+    max_parallel = coerce(data.get("max_parallel", 0), int, f"{where}: max_parallel")
+    if max_parallel < 0:
+        raise BenchError(f"malformed {where}: max_parallel must be >= 0 (0: the executor's default), got {max_parallel}")
+    slurm = SlurmParams.from_dict(data.get("slurm"), where)
+    return GridSpec(str(name), description, blocks, max_parallel, slurm, over)
+
+
+def load_grid(path: Path, cli_sets: Iterable[str] = (), overrides: Overrides | None = None, what: str = "grid") -> GridSpec:
+    """Read and check a grid file (or suite); `cli_sets` (`--set`) and `overrides` win over the file."""
+    over = overrides or Overrides()
+    if cli_sets:
+        over = replace(over, sets={**over.sets, **_flatten(parse_sets(cli_sets), "--set")})
+    data = load_yaml(Path(path), f"{what} file")
+    return grid_from_dict(data, f"{what} {path}", Path(path).stem, over)
+
+
+def _check_rewards(b: Block) -> None:
+    for r in b.rewards:
+        if not any(r in TASKS.get(t).rewards for t in b.tasks):
+            if len(b.tasks) == 1:
+                raise BenchError(f"task {b.tasks[0]} has no reward {r!r}; its rewards: {', '.join(TASKS.get(b.tasks[0]).rewards)}")
+            offered = sorted({x for t in b.tasks for x in TASKS.get(t).rewards})
+            raise BenchError(f"no task of this grid offers reward {r!r}; rewards of {', '.join(b.tasks)}: {', '.join(offered)}")
+
+
+def _block_cells(b: Block, over: Overrides) -> Iterator[Cell]:
+    """The cells of one block: tasks × rewards × methods × alphas × sweeps × seeds, in this order."""
+    _check_rewards(b)
+    for task in b.tasks:
+        rewards: list[str | None] = [r for r in b.rewards if r in TASKS.get(task).rewards] if b.rewards else [None]
+        for reward, method in itertools.product(rewards, b.methods):
+            own = {**b.sets, **b.method_sets.get(method, {})}
+            flat = {**b.sets, **over.sets, **b.method_sets.get(method, {})}  # the swept keys' order: the cells' order
+            flat.update(over.sets)  # values: the command line wins
+            swept = [k for k, v in flat.items() if isinstance(v, list)]
+            tags = tuple((k, v) for k, v in own.items() if k not in swept and k not in over.sets) if b.tagged else ()
+            for alpha in b.alphas or [None]:
+                for combo in itertools.product(*(flat[k] for k in swept)):
+                    chosen = {**flat, **dict(zip(swept, combo))}
+                    layers = [_unflatten({k: v for k, v in chosen.items() if k not in over.sets}), over.layer,
+                              _unflatten({k: v for k, v in chosen.items() if k in over.sets})]
+                    for seed in b.seeds:
+                        cfg = resolve(task, method, seed, alpha=alpha, reward=reward, layers=layers)
+                        yield Cell(cfg, tuple(zip(swept, combo)), tags)
 
 
 def expand(spec: GridSpec) -> list[Cell]:
-    """The cells of a grid, in a stable order; each config resolved and validated (BenchError on bad input)."""
+    """The cells of a grid, block after block, in a stable order; each config resolved and validated
+    (BenchError on bad input); a cell that two blocks both list is kept once."""
     cells: list[Cell] = []
     seen: set[str] = set()
-    offered = {r for t in spec.tasks for r in TASKS.get(t).rewards}
-    for r in spec.rewards:
-        if r not in offered:
-            raise BenchError(f"no task of this grid offers reward {r!r}; rewards of {', '.join(spec.tasks)}: {', '.join(sorted(offered))}")
-    for task in spec.tasks:
-        task_cls = TASKS.get(task)
-        rewards: list[str | None] = [r for r in spec.rewards if r in task_cls.rewards] if spec.rewards else [None]
-        for reward in rewards:
-            for method in spec.methods:
-                flat = {**spec.sets, **spec.method_sets.get(method, {})}
-                swept = [k for k, v in flat.items() if isinstance(v, list)]
-                for alpha in spec.alphas or [None]:
-                    for combo in itertools.product(*(flat[k] for k in swept)):
-                        chosen = {**flat, **dict(zip(swept, combo))}
-                        layer = _unflatten(chosen)
-                        for seed in spec.seeds:
-                            cfg = resolve(task, method, seed, alpha=alpha, reward=reward, layers=[layer])
-                            cell = Cell(cfg, tuple((k, v) for k, v in zip(swept, combo)))
-                            if cell.rel() not in seen:
-                                seen.add(cell.rel())
-                                cells.append(cell)
+    for block in spec.blocks:
+        for cell in _block_cells(block, spec.overrides):
+            if cell.rel() not in seen:
+                seen.add(cell.rel())
+                cells.append(cell)
+    if not cells:
+        raise BenchError(f"grid {spec.name} has no cells")
     return cells
 
 
@@ -387,10 +525,12 @@ class CellJob:
 
     Attributes:
         threads: torch threads (None: Slurm's cpus-per-task inside a Slurm job, else torch's default).
+        progress: show the run's progress bars (the debug executor, in this process).
     """
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, progress: bool = False) -> None:
         self.threads = threads
+        self.progress = progress
 
     def __call__(self, cfg_dict: dict[str, Any], runs_root: str) -> dict[str, Any]:
         import torch
@@ -410,9 +550,10 @@ class CellJob:
             stop.install(sigs)
         d = Path(runs_root) / cfg.task / cfg.method / cfg.run_name()
         if (d / "checkpoint.pt").exists() and not (d / "final.json").exists():
-            print(f"bench: {cfg.task}/{cfg.method}/{cfg.run_name()}: resuming from checkpoint.pt (log at iteration {_progress(d)[0]})", file=sys.stderr, flush=True)
+            _say(f"bench: {cfg.task}/{cfg.method}/{cfg.run_name()}: resuming from checkpoint.pt (log at iteration {_progress(d)[0]})",
+                 sys.stderr if cluster else sys.stdout)  # a job's log; in this process, not an error line
         try:
-            result = run_one(cfg, Path(runs_root), progress=False, stop_when=stop.requested)
+            result = run_one(cfg, Path(runs_root), progress=self.progress, stop_when=stop.requested)
         finally:
             stop.restore()
         if result:
@@ -446,7 +587,14 @@ class CellJob:
         """Resubmit the same cell; run_one resumes from the run folder's checkpoint.pt."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(CellJob(self.threads), cfg_dict, runs_root)
+        return submitit.helpers.DelayedSubmission(CellJob(self.threads, self.progress), cfg_dict, runs_root)
+
+
+def _say(msg: str, file: Any = None) -> None:
+    """A line (stderr by default) that never shares a line with a progress bar (tqdm clears and redraws them)."""
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=file or sys.stderr)
 
 
 # ---- manifests and cell states ------------------------------------------------------------------------------
@@ -531,21 +679,17 @@ def _slurm_states(job_ids: Iterable[str]) -> dict[str, str]:
 
 
 def _result_error(folder: str, job_id: str) -> str | None:
-    """The last line of a failed job's traceback from its submitit result pickle (None if absent or a success)."""
-    p = Path(folder) / f"{job_id}_0_result.pkl"
-    if not p.exists():
+    """Why a Slurm job failed, read through submitit (None if it has no result yet, or succeeded)."""
+    import submitit
+
+    job = submitit.SlurmJob(folder=folder, job_id=job_id)
+    if not job.paths.result_pickle.exists():  # no result: exception() would wait for one
         return None
     try:
-        import pickle
-
-        with p.open("rb") as f:
-            outcome, payload = pickle.load(f)
-    except Exception:
-        return None
-    if outcome != "error":
-        return None
-    lines = [ln for ln in str(payload).strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else "error"
+        exc = job.exception()
+    except Exception as e:  # an unreadable result file
+        return f"unreadable job result ({type(e).__name__})"
+    return None if exc is None else _failure(exc)[0]
 
 
 def cell_states(cells: Sequence[Cell] | None, root: Path) -> list[CellState]:
@@ -626,6 +770,22 @@ class GridOutcome:
     failed: list[tuple[Cell, str]] = field(default_factory=list)
     manifest: Path | None = None
     job_ids: dict[str, str] = field(default_factory=dict)
+    bad_input: set[str] = field(default_factory=set)
+    "failed cells (Cell.rel()) whose run stopped on bad input (a BenchError: missing weights, a corrupt checkpoint, ...)"
+
+    def discard(self, root: Path) -> None:
+        """Remove this submission's manifest and submitit folder, and the folders they alone made
+        (when every cell stopped on bad input: the command wrote nothing else)."""
+        if self.manifest is None or self.done:
+            return
+        shutil.rmtree(self.manifest.with_suffix(""), ignore_errors=True)
+        self.manifest.unlink(missing_ok=True)
+        root = Path(root).resolve()
+        for d in (self.manifest.parent, grids_dir(root), root):
+            try:
+                d.rmdir()  # only if empty
+            except OSError:
+                break
 
 
 def plan(cells: Sequence[Cell], root: Path, force: bool = False) -> tuple[list[Cell], list[tuple[Cell, str]]]:
@@ -663,9 +823,52 @@ def _executor(kind: str, folder: Path, slurm: SlurmParams, name: str, max_parall
     return ex
 
 
+class _Submission:
+    """One submission's bookkeeping: its manifest (which job runs each cell, how each ended), its
+    outcome, and the lines it prints (through the progress bar when there is one)."""
+
+    def __init__(self, manifest: dict[str, Any], path: Path, outcome: GridOutcome, echo: Callable[[str], None]) -> None:
+        self.manifest, self.path, self.outcome, self.echo = manifest, path, outcome, echo
+        self.bar: Any = None
+
+    def say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            self.echo(line)
+
+    def record(self, c: Cell, j: Any) -> None:
+        self.outcome.job_ids[c.rel()] = str(j.job_id)
+        self.manifest["cells"].append({"dir": c.rel(), "label": c.label, "job_id": str(j.job_id)})
+        dump_json(self.manifest, self.path)
+
+    def finished(self, c: Cell, j: Any, run_folder: Path, slurm_state: str | None = None) -> None:
+        err = _job_error(j, run_folder, slurm_state)
+        entry = next(e for e in self.manifest["cells"] if e["dir"] == c.rel())
+        if err is None:
+            self.outcome.done.append(c)
+            entry["outcome"] = "done"
+            self.say(f"done    {c.label}")
+        else:
+            self.outcome.failed.append((c, err[0]))
+            if err[1]:
+                self.outcome.bad_input.add(c.rel())
+            entry.update(outcome="failed", error=err[0])
+            self.say(f"FAILED  {c.label}: {err[0]}")
+        if self.bar is not None:
+            self.bar.update(1)
+        dump_json(self.manifest, self.path)
+
+    def interrupted(self) -> None:
+        """Ctrl-C: cells without an outcome are marked so (`bench status`: incomplete; a rerun resumes them)."""
+        for e in self.manifest["cells"]:
+            e.setdefault("outcome", "interrupted")
+        dump_json(self.manifest, self.path)
+
+
 def submit(cells: Sequence[Cell], root: Path, name: str, executor: str = "local", slurm: SlurmParams | None = None,
            max_parallel: int = 0, force: bool = False, wait: bool = True, poll_s: float = 2.0,
-           echo: Callable[[str], None] = print) -> GridOutcome:
+           echo: Callable[[str], None] = print, progress: bool = False) -> GridOutcome:
     """Submit the unfinished cells (one submitit job each) and, with `wait`, wait for all of them.
 
     Args:
@@ -673,6 +876,7 @@ def submit(cells: Sequence[Cell], root: Path, name: str, executor: str = "local"
             time; default max(1, cores // 2)) or "debug" (in this process, one after the other).
         force: delete the cells' run folders first (re-run finished cells from scratch).
         wait: wait for every job (local and debug always wait); otherwise return after submitting.
+        progress: a progress bar of cells (and, with the debug executor, of each run).
     Returns:
         A GridOutcome; the manifest records every cell's job id (and, after waiting, its outcome).
     """
@@ -688,82 +892,154 @@ def submit(cells: Sequence[Cell], root: Path, name: str, executor: str = "local"
         for c in todo:
             if c.dir(root).exists():
                 shutil.rmtree(c.dir(root))
+    if max_parallel <= 0:
+        max_parallel = len(todo) if executor == "slurm" else max(1, (os.cpu_count() or 2) // 2)
     sub_id = _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     folder = grids_dir(root) / name / sub_id  # fresh for every submission: no stale pickles
     folder.mkdir(parents=True, exist_ok=True)
-    if max_parallel <= 0:
-        max_parallel = len(todo) if executor == "slurm" else max(1, (os.cpu_count() or 2) // 2)
-    threads = None if executor == "slurm" else max(1, (os.cpu_count() or 1) // min(max_parallel, len(todo)))
     ex = _executor(executor, folder, slurm, f"bench-{name}", max_parallel)
     manifest = {"grid": name, "id": sub_id, "executor": executor, "folder": str(folder),
                 "submitted": _dt.datetime.now().isoformat(timespec="seconds"), "max_parallel": max_parallel,
                 "slurm": asdict(slurm) if executor == "slurm" else None, "cells": []}
-    mpath = folder.with_suffix(".json")
-    outcome.manifest = mpath
-    job = CellJob(threads)
-    jobs: dict[str, Any] = {}
+    outcome.manifest = folder.with_suffix(".json")
+    sub = _Submission(manifest, outcome.manifest, outcome, echo)
+    # torch threads: a job's share of the cores (Slurm: its cpus-per-task; debug: this process, untouched)
+    threads = max(1, (os.cpu_count() or 1) // min(max_parallel, len(todo))) if executor == "local" else None
+    job = CellJob(threads, progress=progress and executor == "debug")
+    show_bar = progress and (executor != "slurm" or wait)
+    with _cell_bar(len(todo), f"cells ({max_parallel} at a time)" if executor == "local" else "cells", show_bar) as sub.bar:
+        try:
+            if executor == "slurm":
+                _run_slurm(sub, ex, job, todo, root, max_parallel, wait, poll_s)
+            elif executor == "debug":
+                for c in todo:
+                    j = ex.submit(job, c.cfg.to_dict(), str(root))
+                    sub.record(c, j)
+                    sub.finished(c, j, c.dir(root))  # runs it, here
+            else:
+                _run_local(sub, ex, job, todo, root, max_parallel, poll_s)
+        except KeyboardInterrupt:
+            if executor != "slurm":
+                sub.interrupted()
+            raise
+    return outcome
 
-    def record(c: Cell, j: Any) -> None:
-        jobs[c.rel()] = j
-        outcome.job_ids[c.rel()] = str(j.job_id)
-        manifest["cells"].append({"dir": c.rel(), "label": c.label, "job_id": str(j.job_id)})
-        dump_json(manifest, mpath)
 
-    def finished(c: Cell, j: Any, slurm_state: str | None = None) -> None:
-        err = _job_error(j, c.dir(root), slurm_state)
-        entry = next(e for e in manifest["cells"] if e["dir"] == c.rel())
-        if err is None:
-            outcome.done.append(c)
-            entry["outcome"] = "done"
-            echo(f"done    {c.label}")
-        else:
-            outcome.failed.append((c, err))
-            entry.update(outcome="failed", error=err)
-            echo(f"FAILED  {c.label}: {err}")
-        dump_json(manifest, mpath)
+@contextmanager
+def _cell_bar(total: int, desc: str, enabled: bool) -> Iterator[Any]:
+    """A progress bar of cells (None when disabled); closed on any exit, so that no message shares its line."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
 
-    if executor == "slurm":
-        with ex.batch():
-            subs = [(c, ex.submit(job, c.cfg.to_dict(), str(root))) for c in todo]
-        for c, j in subs:
-            record(c, j)
-        echo(f"submitted {len(todo)} cells as Slurm job array {str(subs[0][1].job_id).split('_')[0]} "
-             f"(at most {max_parallel} at once); manifest {mpath}")
-        if wait:
-            _wait_slurm([(c, jobs[c.rel()]) for c in todo], finished, poll_s)
-        return outcome
-    if executor == "debug":
-        for c in todo:
-            j = ex.submit(job, c.cfg.to_dict(), str(root))
-            record(c, j)
-            finished(c, j)  # runs it, here
-        return outcome
+    bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _run_slurm(sub: _Submission, ex: Any, job: CellJob, todo: list[Cell], root: Path, max_parallel: int, wait: bool, poll_s: float) -> None:
+    with ex.batch():
+        subs = [(c, ex.submit(job, c.cfg.to_dict(), str(root))) for c in todo]
+    for c, j in subs:
+        sub.record(c, j)
+    sub.say(f"submitted {len(todo)} cells as Slurm job array {str(subs[0][1].job_id).split('_')[0]} "
+            f"(at most {max_parallel} at once); manifest {sub.path}")
+    if wait:
+        _wait_slurm(subs, lambda c, j, state: sub.finished(c, j, c.dir(root), state), poll_s)
+
+
+def _run_local(sub: _Submission, ex: Any, job: CellJob, todo: list[Cell], root: Path, max_parallel: int, poll_s: float) -> None:
+    """At most max_parallel cells at once as local subprocesses; on Ctrl-C they are stopped (their checkpoints stay)."""
     queue = list(todo)
     running: list[tuple[Cell, Any]] = []
     try:
         while queue or running:
             while queue and len(running) < max_parallel:
                 c = queue.pop(0)
-                j = ex.submit(job, c.cfg.to_dict(), str(root))
-                record(c, j)
+                with _streams_to(sub.path.with_suffix("") / "controllers.log"):
+                    j = ex.submit(job, c.cfg.to_dict(), str(root))
+                sub.record(c, j)
                 running.append((c, j))
             for c, j in list(running):
                 if j.done():
                     running.remove((c, j))
-                    finished(c, j)
+                    sub.finished(c, j, c.dir(root))
             time.sleep(min(poll_s, 0.5))
-    except KeyboardInterrupt:  # local jobs are this process's children: stop them (their checkpoints stay)
-        for _, j in running:
-            j.cancel(check=False)
+    except BaseException:
+        _stop_local([j for _, j in running])
         raise
-    return outcome
 
 
-def _job_error(job: Any, run_folder: Path, slurm_state: str | None = None) -> str | None:
-    """None if the cell finished (final.json), else one line saying why not."""
+@contextmanager
+def _streams_to(log: Path) -> Iterator[None]:
+    """Processes started inside this block write their stdout and stderr to `log`: submitit's local
+    controller inherits them, and its traceback on Ctrl-C would otherwise land on the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(log, "a") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+def _stop_local(jobs: list[Any], grace_s: float = 15.0) -> None:
+    """Stop local jobs: SIGINT to each job's controller (which stops its task), then wait; kill what is left."""
+    import subprocess
+
+    for j in jobs:
+        j.cancel(check=False)
+    deadline = time.time() + grace_s
+    for j in jobs:
+        proc = getattr(j, "_process", None)
+        if proc is None:
+            continue
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _failure(exc: BaseException) -> tuple[str, bool]:
+    """(one line saying why a job failed, whether it failed on bad input: a BenchError)."""
+    if isinstance(exc, BenchError):
+        return _one_line(str(exc)), True
+    msg = str(exc).strip()
+    if "has not produced any output" in msg:
+        return "the job produced no result (killed or cancelled)", False
+    if not type(exc).__module__.startswith("submitit"):  # raised in this process (debug executor)
+        return _one_line(f"{type(exc).__name__}: {msg}"), False
+    # submitit wraps the remote traceback: keep its last meaningful line
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not set(ln.strip()) <= {"-"}]
+    tb = [ln for ln in lines if not ln.startswith(("You can check", "or at paths", "- /", "Job (task"))]
+    last = tb[-1] if tb else type(exc).__name__
+    head, sep, text = last.partition(": ")
+    if sep and head.startswith("bench.core.errors."):
+        cls = getattr(errors, head.rsplit(".", 1)[1], None)
+        if isinstance(cls, type) and issubclass(cls, BenchError):
+            return _one_line(text), True
+    return _one_line(last), False
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    return " ".join(text.split())[:limit]
+
+
+def _job_error(job: Any, run_folder: Path, slurm_state: str | None = None) -> tuple[str, bool] | None:
+    """None if the cell finished (final.json), else (one line saying why not, whether on bad input)."""
     if slurm_state is not None and not job.paths.result_pickle.exists():
         # killed, cancelled or timed out: no result file, Slurm's state says what happened
-        return None if (run_folder / "final.json").exists() else f"Slurm: {slurm_state}"
+        return None if (run_folder / "final.json").exists() else (f"Slurm: {slurm_state}", False)
     try:
         exc = job.exception()
     except Exception as e:  # e.g. a debug job that raised BaseException
@@ -771,14 +1047,8 @@ def _job_error(job: Any, run_folder: Path, slurm_state: str | None = None) -> st
     if (run_folder / "final.json").exists() and exc is None:
         return None
     if exc is None:
-        return "the job ended without final.json"
-    msg = str(exc).strip()
-    # submitit wraps the remote traceback: keep its last meaningful line
-    lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not set(ln.strip()) <= {"-"}]
-    tb = [ln for ln in lines if not ln.startswith(("You can check", "or at paths", "- /", "Job (task"))]
-    if "has not produced any output" in msg:
-        return "the job produced no result (killed or cancelled)"
-    return (tb[-1] if tb else type(exc).__name__)[:300]
+        return "the job ended without final.json", False
+    return _failure(exc)
 
 
 def _wait_slurm(pairs: list[tuple[Cell, Any]], finished: Callable[[Cell, Any, str | None], None], poll_s: float) -> None:

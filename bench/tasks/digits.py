@@ -628,19 +628,38 @@ def _bar(total: int, desc: str, enabled: bool | None) -> Iterator[Callable[[int]
 
 @contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock, so that parallel runs build a missing artifact once."""
+    """An exclusive advisory lock, so that parallel runs build a missing artifact once. The holder
+    removes the lock file before releasing it (also on an error or Ctrl-C); a waiter that then gets
+    the lock on the removed file tries again on the path's current one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock (at worst the artifact is built twice)
         yield
         return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    while True:
+        fh = open(path, "a")
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fcntl.flock(fh, fcntl.LOCK_EX)  # Ctrl-C while waiting: the file closes below, nothing held
+            try:
+                same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:  # the holder before us removed it on release: lock the new one
+                same = False
+            if same:
+                break
+        except BaseException:
+            fh.close()
+            raise
+        fh.close()
+    try:
+        yield
+    finally:  # on success, error or Ctrl-C alike: remove the lock file, then release it (no stale .lock files)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
 
 
 def _load_cached(kind: str, key: dict[str, Any], build: Callable[[], dict[str, Any]], load: Callable[[dict[str, Any]], Any]) -> Any:
