@@ -107,3 +107,10 @@ def test_the_citation_check_can_fail(tmp_path: Path, line: str, ok: bool) -> Non
     f = tmp_path / "probe.py"
     f.write_text(line + "\n")
     assert (_unresolved_citations(f) == []) is ok
+
+
+def test_the_import_drawing_in_docs_is_current() -> None:
+    """docs/imports.md is regenerated from the code (scripts/draw_imports.py) and says no arrow runs up."""
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "draw_imports.py"), "--check"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Arrows running up: none." in (REPO / "docs" / "imports.md").read_text()
