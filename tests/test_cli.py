@@ -79,7 +79,7 @@ def in_process(argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch, caps
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["nope"], "error: No such command 'nope'; see 'bench --help'"),
+    (["nope"], "error: No such command 'nope' (commands: grid, ls, plot, prepare, run, status, table); see 'bench --help'"),
     (["grid"], "error: Missing argument 'path'; see 'bench grid --help'"),
     (["run", "--jobs", "x"], "see 'bench run --help'"),
     (["ls", "nope"], "error: unknown registry 'nope'"),

@@ -289,56 +289,20 @@ def table(
     time: bool = typer.Option(True, "--time/--no-time", help="include the wall-time column (--no-time: comparable across machines)"),
 ) -> None:
     """Tables (mean ± std over seeds with n) of finished runs."""
-    from bench.app.table import groups, load_paper, load_results, long_rows, make_table
+    from bench.app.table import check_table_format, collect_runs, load_paper, render_tables
+    from bench.core.io import write_text
 
+    check_table_format(fmt)
+    if out is not None:
+        if out.is_dir():
+            raise BenchError(f"--out {out} is a folder; give a file path for the table")
+        check_output_dir(out.parent, "--out's folder")
     published = load_paper(paper_file) if (paper or paper_file) else None
-
-    dirs: list[Path] = []
-    for p in paths:
-        if not p.exists():
-            raise BenchError(f"{p} does not exist")
-        if (p / "final.json").exists():
-            dirs.append(p)
-        else:
-            dirs += sorted(q.parent for q in p.rglob("final.json") if "_reference" not in q.parts)
-    results = load_results(dirs)
-    if not results:
-        raise BenchError(f"no finished runs (final.json) under {', '.join(map(str, paths))}")
-    if fmt not in ("markdown", "latex", "csv"):
-        raise BenchError(f"unknown format {fmt!r}; known: markdown, latex, csv")
-    chunks = []
-    csv_rows = []
-    for (task, reward, alpha), runs in groups(results).items():
-        ref = None
-        if reference:
-            from bench.app.config import config_from_dict
-            from bench.app.runner import reference_rows
-
-            cfg0 = config_from_dict(json.loads((Path(runs[0]["_dir"]) / "config.json").read_text()))
-            root = Path(runs[0]["_dir"]).parents[2]
-            ref = reference_rows(task, cfg0.task_cfg, reward, alpha, cfg0.sampler, cfg0.train.final_eval_samples, root)
-        if fmt == "csv":
-            csv_rows += long_rows(runs, ref, paper=published, time=time)
-        else:
-            chunks.append(make_table(runs, ref, fmt=fmt, paper=published, time=time))
-    if fmt == "csv":
-        import csv
-        import io
-
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(csv_rows[0]))
-        w.writeheader()
-        w.writerows(csv_rows)
-        text = buf.getvalue()
-    else:
-        text = "\n".join(chunks)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+    text = render_tables(collect_runs(paths), fmt, reference=reference, paper=published, time=time)
+    if out is not None:
+        write_text(out, text)
     else:
         typer.echo(text)
-
-
 
 
 @app.command()
@@ -444,27 +408,23 @@ def plot(
     paths: List[Path] = typer.Argument(..., help="run folders, or folders containing them"),
     out: Path = typer.Option(Path("results/figures"), "--out", help="folder for the figures"),
     kinds: str = typer.Option("training,pareto,curves,samples", "--kind", help="comma-separated: training (Fig. 3), pareto (Fig. 4), curves, samples, queries (online runs: metrics against oracle queries)"),
-    formats: str = typer.Option("png,pdf", "--format", help="comma-separated file formats"),
+    formats: str = typer.Option("png,pdf", "--format", help="comma-separated: png, pdf, svg"),
     x_metric: str = typer.Option("path_kl", "--x", help="pareto: metric on the x axis"),
     y_metric: str = typer.Option("reward", "--y", help="pareto: metric on the y axis"),
     reference: bool = typer.Option(True, "--reference/--no-reference", help="reference points (p* draw, base model) and exact-target lines"),
 ) -> None:
     """Paper figures of finished runs: held-out metrics vs training reward, α-sweep fronts, learning curves, sample grids."""
-    from bench.app.plots import make_figures
-    from bench.app.table import load_results
+    from bench.app.plots import check_figure_args, make_figures
+    from bench.app.table import collect_runs
 
-    dirs: list[Path] = []
-    for p in paths:
-        if not p.exists():
-            raise BenchError(f"{p} does not exist")
-        dirs += [p] if (p / "final.json").exists() else sorted(q.parent for q in p.rglob("final.json") if "_reference" not in q.parts)
-    results = load_results(dirs)
-    if not results:
-        raise BenchError(f"no finished runs (final.json) under {', '.join(map(str, paths))}")
+    kinds_list, formats_list = _csv(kinds, "--kind"), _csv(formats, "--format")
+    check_figure_args(out, kinds_list, formats_list)
+    check_output_dir(out, "--out")
+    results = collect_runs(paths)
     for m in (x_metric, y_metric):
         if m.split("@")[0] not in METRICS:
             raise BenchError(f"unknown metric {m!r}; known: {', '.join(METRICS.names())}")
-    written = make_figures(results, out, _csv(kinds, "--kind"), _csv(formats, "--format"), x_metric=x_metric, y_metric=y_metric, reference=reference)
+    written = make_figures(results, out, kinds_list, formats_list, x_metric=x_metric, y_metric=y_metric, reference=reference)
     for kind, files in written.items():
         for f in files:
             typer.echo(f"{kind}: {f}")
@@ -544,7 +504,10 @@ def _run_app(args: list[str]) -> int:
         return 0
     except usage as e:
         where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "bench"
-        _say(f"error: {_one_line(e.format_message()).rstrip('.')}; see '{where} --help'")
+        msg = _one_line(e.format_message()).rstrip(".")
+        if msg.startswith("No such command"):
+            msg += f" (commands: {', '.join(sorted(cmd.commands))})"
+        _say(f"error: {msg}; see '{where} --help'")
         return 2
     except clicks as e:  # e.g. a file option that cannot be opened
         _say(f"error: {_one_line(e.format_message())}")

@@ -648,7 +648,7 @@ def _progress(d: Path) -> tuple[int, int]:
     total = 0
     try:
         total = int(json.loads((d / "config.json").read_text())["train"]["iterations"])
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError):
         pass
     last = 0
     p = d / "metrics.jsonl"

@@ -227,9 +227,9 @@ def run_one(cfg: RunConfig, root: Path, *, force: bool = False, progress: bool =
         raise BenchError(f"train.processes={cfg.train.processes} but the process group has {world} processes")
     d = run_dir(root, cfg)
     if (d / "final.json").exists() and not force:
-        return json.loads((d / "final.json").read_text()) if rank == 0 else {}
+        return results.read_final(d).to_dict() if rank == 0 else {}
     if (d / "config.json").exists() and not force:
-        old = json.loads((d / "config.json").read_text())
+        old = _read_config_json(d / "config.json")
         if old != json.loads(json.dumps(cfg.to_dict())):
             raise BenchError(f"{d} holds a run with a different config; use another runs directory or --force")
     created = _claim_folder(d) if rank == 0 else []  # a file or an unwritable path fails now, not after the build
@@ -264,6 +264,13 @@ def _build(cfg: RunConfig, d: Path, rank: int, world: int, progress: bool) -> Ru
         method_cls = METHODS.get(cfg.method)
         method = method_cls(cfg.method_cfg, ctx)
     return RunState(cfg, d, rank, world, progress, t_start, task, backbone, clock, reward, method_cls, method)
+
+
+def _read_config_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BenchError(f"{path} is corrupt ({type(e).__name__}); start this run over with --force, or delete its folder") from None
 
 
 def _open_folder(st: RunState, force: bool) -> None:
@@ -558,6 +565,24 @@ def _logging_above(bar: Any) -> Any:
 # ---- reference rows ----------------------------------------------------------------------------
 
 
+def _read_reference_cache(path: Path, key: dict[str, Any]) -> dict[str, dict[str, float]] | None:
+    """The cached reference rows at `path`, or None (and a warning) when the entry is missing,
+    unreadable, malformed or written for another key: it is then recomputed and overwritten."""
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        rows = d["rows"]
+        ok = (d.get("key") == json.loads(json.dumps(key)) and isinstance(rows, dict)
+              and all(isinstance(r, dict) and all(isinstance(v, (int, float)) or v is None for v in r.values()) for r in rows.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        log.warning("reference cache %s is unreadable or not this table's; recomputing it", path)
+        return None
+    return rows
+
+
 def reference_rows(task_name: str, task_cfg: Any, reward: str, alpha: float, sampler: SamplerConfig, n: int, root: Path,
                    progress: bool | None = None) -> dict[str, dict[str, float]]:
     """Rows that put a table in context: p* closed form, p* sample floor, ε* sampler floor, base.
@@ -567,8 +592,9 @@ def reference_rows(task_name: str, task_cfg: Any, reward: str, alpha: float, sam
     key = {"task": task_name, "task_cfg": asdict(task_cfg), "reward": reward, "alpha": alpha, "sampler": asdict(sampler), "n": n,
            "task_version": TASKS.get(task_name).version}
     path = Path(root) / "_reference" / f"{task_name}_{reward}_a{alpha:g}_{config_hash(key)[:8]}.json"
-    if path.exists():
-        return json.loads(path.read_text())["rows"]
+    cached_rows = _read_reference_cache(path, key)
+    if cached_rows is not None:
+        return cached_rows
     show = sys.stderr.isatty() if progress is None else progress
     with show_progress(show):
         task = build_task(task_name, task_cfg)
@@ -593,17 +619,3 @@ def reference_rows(task_name: str, task_cfg: Any, reward: str, alpha: float, sam
         step(2)
     dump_json({"key": key, "rows": rows}, path)
     return rows
-
-
-def run_many(cfgs: list[RunConfig], root: Path, *, force: bool = False, progress: bool = True, on_done: Callable[[RunConfig, dict], None] | None = None) -> list[dict[str, Any]]:
-    """Run configs one after the other (local executor); the first error stops the sequence (its bar closed first)."""
-    results_: list[dict[str, Any]] = []
-    with _bar(progress and len(cfgs) > 1, "runs", len(cfgs), 0, leave=True) as outer:
-        for cfg in cfgs:
-            res = run_one(cfg, root, force=force, progress=progress)
-            results_.append(res)
-            if on_done:
-                on_done(cfg, res)
-            if outer is not None:
-                outer.update(1)
-    return results_

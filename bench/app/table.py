@@ -404,22 +404,22 @@ PAPER_FILE = Path(__file__).resolve().parents[2] / "results" / "paper.yaml"
 
 def load_paper(path: Path | None = None) -> list[dict[str, Any]]:
     """The published tables of results/paper.yaml (or `path`): [{id, source, tasks, reward, rows: [...]}]."""
-    import yaml
+    from bench.app.config import load_yaml
 
     p = Path(path) if path else PAPER_FILE
-    if not p.exists():
-        raise BenchError(f"published-numbers file {p} not found")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = load_yaml(p, "published-numbers file")
     tables = data.get("tables")
-    if not isinstance(tables, list):
-        raise BenchError(f"malformed {p}: expected a 'tables' list")
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise BenchError(f"malformed {p}: expected a 'tables' list of mappings (id, source, tasks, reward, rows)")
     for t in tables:
         for k in ("id", "source", "tasks", "reward", "rows"):
             if k not in t:
                 raise BenchError(f"malformed {p}: table {t.get('id', '?')} lacks {k!r}")
+        if not isinstance(t["rows"], list) or not all(isinstance(row, dict) for row in t["rows"]):
+            raise BenchError(f"malformed {p}: 'rows' of {t['id']} must be a list of mappings with 'method' and 'metrics'")
         for row in t["rows"]:
-            if "method" not in row or "metrics" not in row:
-                raise BenchError(f"malformed {p}: every row of {t['id']} needs 'method' and 'metrics'")
+            if "method" not in row or not isinstance(row.get("metrics"), dict):
+                raise BenchError(f"malformed {p}: every row of {t['id']} needs 'method' and a 'metrics' mapping")
     return tables
 
 

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from bench.core.errors import BenchError
 from bench.core.io import atomic_torch_save, safe_torch_load, unsafe_globals
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def cached(kind: str, config: dict[str, Any], build: Callable[[], dict[str, Any]
         build: returns a dict of tensors and plain values (no other objects: see bench.core.io.check_plain).
     """
     h = config_hash(config)
-    path = cache_dir() / kind / f"{h}.pt"
+    path = cache_folder(kind) / f"{h}.pt"
     if path.exists():
         try:
             obj = safe_torch_load(path)
@@ -85,4 +86,16 @@ def _announce(line: str) -> None:
 
 
 def cache_path(kind: str, config: dict[str, Any]) -> Path:
+    """Where the entry for (kind, config) lives (nothing is created)."""
     return cache_dir() / kind / f"{config_hash(config)}.pt"
+
+
+def cache_folder(kind: str) -> Path:
+    """The folder of `kind`'s entries, created; BenchError (one line) if it cannot be, before any build."""
+    folder = cache_dir() / kind
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BenchError(f"cache folder {folder} cannot be created ({type(e).__name__}: {e.strerror or e}); "
+                         f"set BENCH_CACHE_DIR to a writable folder") from None
+    return folder
