@@ -241,7 +241,10 @@ class ConditionalLinear(nn.Module):
         self.embed = nn.Parameter(torch.empty(n_steps, d_out).uniform_(0.0, 1.0, generator=generator))
 
     def forward(self, x: Tensor, steps: Tensor) -> Tensor:
-        return nn.functional.linear(x, self.weight, self.bias) * self.embed[steps]
+        # index_select, not embed[steps]: the backward of advanced indexing accumulates repeated
+        # steps with parallel atomic adds on the CPU (run-to-run different sums with > 1 thread);
+        # index_select's backward (index_add_) adds them in index order, the same every run.
+        return nn.functional.linear(x, self.weight, self.bias) * torch.index_select(self.embed, 0, steps)
 
 
 class ValueNet(nn.Module):
@@ -280,7 +283,7 @@ class ValueNet(nn.Module):
 class PPOKL(AlignmentMethod):
     name = "ppo-kl"
     paper = "Fan, Watkins, Du, Liu, Ryu, Boutilier, Abbeel, Ghavamzadeh, Lee, Lee. NeurIPS 2023, arXiv:2305.16381"
-    version = 1
+    version = 2  # 2: the value net's step embedding sums its gradient in a fixed order (v1 was nondeterministic at ~1e-7 with > 1 CPU thread)
     Config = PPOKLConfig
     needs_reward_grad = False
     uses_alpha = True

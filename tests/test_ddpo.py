@@ -500,3 +500,23 @@ def test_two_processes_share_reward_statistics(tmp_path: Path) -> None:
     want = ((both - hist.mean()) / (hist.std(unbiased=False) + 1e-6)).clamp(-5, 5).float()
     torch.testing.assert_close(torch.cat([r0["adv"], r1["adv"]]), want)
     assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+
+
+def test_value_net_step_embedding_gradient_is_summed_in_a_fixed_order() -> None:
+    """The value net's per-step embedding must not use advanced-indexing backward, which on the CPU
+    adds repeated steps with parallel atomics (different float sums run to run with > 1 thread):
+    its gradient equals the in-order sequential sum, bit for bit, at a size where ATen goes parallel."""
+    from methods.dpok import ConditionalLinear
+
+    g = torch.Generator().manual_seed(0)
+    layer = ConditionalLinear(8, 128, 50, g)
+    x = torch.randn(512, 8, generator=g)  # 512 × 128 = 65,536 elements > ATen's parallel grain size
+    steps = torch.randint(0, 50, (512,), generator=g)
+    upstream = torch.randn(512, 128, generator=g)
+    (layer(x, steps) * upstream).sum().backward()
+    with torch.no_grad():
+        contrib = torch.nn.functional.linear(x, layer.weight, layer.bias) * upstream
+        ref = torch.zeros_like(layer.embed)
+        for i in range(512):  # index order, one addition at a time
+            ref[steps[i]] += contrib[i]
+    assert torch.equal(layer.embed.grad, ref)
