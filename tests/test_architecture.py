@@ -78,14 +78,14 @@ OUTSIDE_NOTES = re.compile(r"(?<![-\w])reference/|\b(sqdf|baselines|deps|toy|anc
 MD_PATH = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)+[\w.-]+\.md)\b")  # a path (with a folder): output names like table.md are not citations
 
 
-def _unresolved_citations(path: Path) -> list[str]:
-    """`*.md` references in a source file that name no file of this repository."""
+def _unresolved_citations(path: Path, paths_too: bool = True) -> list[str]:
+    """Citations of the research notes, and (paths_too) `dir/*.md` references naming no file of this repository."""
     bad = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if OUTSIDE_NOTES.search(line):
             bad.append(f"{path}:{i}: {line.strip()}")
             continue
-        for ref in MD_PATH.findall(line):
+        for ref in MD_PATH.findall(line) if paths_too else ():
             if not any((base / ref).exists() for base in (REPO, REPO / "docs", path.parent)):
                 bad.append(f"{path}:{i}: {ref}")
     return bad
@@ -94,6 +94,8 @@ def _unresolved_citations(path: Path) -> list[str]:
 def test_every_cited_document_is_in_the_repository() -> None:
     files = _library_files() + sorted((REPO / "scripts").rglob("*.py")) + sorted((REPO / "bench" / "configs").rglob("*.yaml"))
     bad = [b for p in files for b in _unresolved_citations(p)]
+    data = [p for p in sorted((REPO / "tests").glob("*.py")) if p.name != "test_architecture.py"] + [REPO / "results" / "paper.yaml"]
+    bad += [b for p in data for b in _unresolved_citations(p, paths_too=False)]  # tests write files like afile/t.md
     assert not bad, "citations of documents outside the repository:\n" + "\n".join(bad)
 
 

@@ -159,7 +159,7 @@ def test_shipped_published_numbers_parse() -> None:
     assert {t["id"] for t in tables} >= {"sqdf-table1", "sqdf-table2"}
     t1 = next(t for t in tables if t["id"] == "sqdf-table1")
     sq = next(r for r in t1["rows"] if r["label"] == "SQDF-Bootstrap")
-    assert sq["metrics"] == {"aesthetic_score": 7.87, "imagereward_score": 1.14}  # reference/sqdf.md §15.1
+    assert sq["metrics"] == {"aesthetic_score": 7.87, "imagereward_score": 1.14}  # SQDF Table 1 (arXiv:2512.04559): the SQDF row has only these two cells
     assert all("arXiv:2512.04559" in t["source"] for t in tables)
 
 

@@ -1012,8 +1012,8 @@ def _stop_local(jobs: list[Any], grace_s: float = 15.0) -> None:
 
 def _failure(exc: BaseException) -> tuple[str, bool]:
     """(one line saying why a job failed, whether it failed on bad input: a BenchError)."""
-    if isinstance(exc, BenchError):
-        return _one_line(str(exc)), True
+    if isinstance(exc, BenchError):  # the user's one line, whole (it says what is accepted)
+        return _one_line(str(exc), limit=None), True
     msg = str(exc).strip()
     if "has not produced any output" in msg:
         return "the job produced no result (killed or cancelled)", False
@@ -1027,11 +1027,12 @@ def _failure(exc: BaseException) -> tuple[str, bool]:
     if sep and head.startswith("bench.core.errors."):
         cls = getattr(errors, head.rsplit(".", 1)[1], None)
         if isinstance(cls, type) and issubclass(cls, BenchError):
-            return _one_line(text), True
+            return _one_line(text, limit=None), True
     return _one_line(last), False
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def _one_line(text: str, limit: int | None = 300) -> str:
+    """Whitespace folded to one line; other exceptions' text cut at `limit` characters."""
     return " ".join(text.split())[:limit]
 
 

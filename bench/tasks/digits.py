@@ -70,7 +70,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.core.cache import cache_path, cached
+from bench.core.cache import cache_folder, cache_path, cached
 from bench.core.io import atomic_torch_save, save_figure
 from bench.core.diffusion import NoiseSchedule, draw_noise, ode_x0, rollout
 from bench.core.errors import BenchError
@@ -524,8 +524,9 @@ class DigitsTask(Task):
             rk = (reward, prompt)
             if rk not in self._pool_rewards:
                 r = self.build_reward(reward)
+                pool = self.pools[prompt]  # outside no_grad: the first access may train the cached base model
                 with torch.no_grad():
-                    self._pool_rewards[rk] = r(self.pools[prompt], [prompt] * self.cfg.sir_samples).double()
+                    self._pool_rewards[rk] = r(pool, [prompt] * self.cfg.sir_samples).double()
             self._targets[key] = SIRTarget(self.pools[prompt], self._pool_rewards[rk], float(alpha), float(self.cfg.sir_min_ess))
         return self._targets[key]
 
@@ -665,6 +666,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 def _load_cached(kind: str, key: dict[str, Any], build: Callable[[], dict[str, Any]], load: Callable[[dict[str, Any]], Any]) -> Any:
     """cached() under a lock, then `load`; an entry that unpickles but does not load (a foreign or
     damaged file) is removed and rebuilt once, so the caller never sees an error deep inside torch."""
+    cache_folder(kind)  # a cache folder that cannot be created fails here, in one line, before any build
     path = cache_path(kind, key)
     with _file_lock(path.with_name(path.name + ".lock")):
         art = cached(kind, key, build)
