@@ -10,14 +10,13 @@ back unchanged.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from bench.core.errors import BenchError
-from bench.core.io import dump_json
+from bench.core.io import dump_json, read_json
 
 SCHEMA_VERSION = 1
 "bump when a field changes meaning; readers refuse versions they do not know"
@@ -106,10 +105,5 @@ def read_final(path: Path) -> FinalResult:
     """Read and validate one final.json (or a run folder holding one)."""
     path = Path(path)
     f = path / "final.json" if path.is_dir() else path
-    try:
-        d = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise BenchError(f"{f}: no such result file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BenchError(f"{f}: corrupt result file ({type(e).__name__}); re-run the run (delete the file first) or leave it out") from None
+    d = read_json(f, "result file", "re-run the run (delete the file first) or leave it out")
     return FinalResult.from_dict(d, str(f))

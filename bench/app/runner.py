@@ -52,7 +52,7 @@ from bench.core.evaluation import (
     sample_model,
     target_samples,
 )
-from bench.core.io import atomic_torch_save, dump_json, safe_torch_load, unsafe_globals
+from bench.core.io import atomic_torch_save, dump_json, read_json, safe_torch_load, unsafe_globals
 from bench.core.method import AlignmentMethod, TrainContext
 from bench.core.provenance import snapshot
 from bench.core.registry import METHODS, METRICS, TASKS
@@ -229,7 +229,7 @@ def run_one(cfg: RunConfig, root: Path, *, force: bool = False, progress: bool =
     if (d / "final.json").exists() and not force:
         return results.read_final(d).to_dict() if rank == 0 else {}
     if (d / "config.json").exists() and not force:
-        old = _read_config_json(d / "config.json")
+        old = read_json(d / "config.json", "run config", "start this run over with --force, or delete its folder")
         if old != json.loads(json.dumps(cfg.to_dict())):
             raise BenchError(f"{d} holds a run with a different config; use another runs directory or --force")
     created = _claim_folder(d) if rank == 0 else []  # a file or an unwritable path fails now, not after the build
@@ -264,13 +264,6 @@ def _build(cfg: RunConfig, d: Path, rank: int, world: int, progress: bool) -> Ru
         method_cls = METHODS.get(cfg.method)
         method = method_cls(cfg.method_cfg, ctx)
     return RunState(cfg, d, rank, world, progress, t_start, task, backbone, clock, reward, method_cls, method)
-
-
-def _read_config_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise BenchError(f"{path} is corrupt ({type(e).__name__}); start this run over with --force, or delete its folder") from None
 
 
 def _open_folder(st: RunState, force: bool) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 from bench.app.config import RunConfig, config_from_dict
 from bench.app.results import read_final
 from bench.core.errors import BenchError
+from bench.core.io import read_json
 from bench.core.registry import METRICS, TASKS
 
 ARROWS = {"max": "↑", "min": "↓", "target": "≈"}
@@ -77,12 +78,7 @@ def read_run_config(run: dict[str, Any]) -> RunConfig:
         BenchError: one line naming a missing, corrupt or foreign config.json.
     """
     f = Path(run["_dir"]) / "config.json"
-    try:
-        d = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise BenchError(f"{f}: no such file; the run folder is incomplete (re-run the run or leave it out)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BenchError(f"{f}: corrupt run config ({type(e).__name__}); re-run the run (delete its folder first) or leave it out") from None
+    d = read_json(f, "run config", "the run folder is incomplete or damaged (re-run the run, deleting its folder first, or leave it out)")
     try:
         return config_from_dict(d)
     except BenchError as e:

@@ -86,6 +86,19 @@ def check_plain(obj: Any, where: str = "state") -> None:
                         "tensors, numbers, strings, None and dicts/lists/tuples of them; convert it (e.g. in state_dict())")
 
 
+def read_json(path: Path, what: str, fix: str) -> Any:
+    """Parse a JSON file the harness wrote; a missing, unreadable or corrupt one is a BenchError of
+    one line: "<path>: no such file; <fix>" or "<path>: corrupt <what> (<why>); <fix>"."""
+    from bench.core.errors import BenchError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BenchError(f"{path}: no such file; {fix}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BenchError(f"{path}: corrupt {what} ({type(e).__name__}); {fix}") from None
+
+
 def atomic_torch_save(obj: Any, path: Path) -> Path:
     """Atomic `torch.save` of tensors and plain values (checked first: see `check_plain`)."""
     check_plain(obj)
