@@ -31,6 +31,7 @@ from typing import Any, List, Optional
 import typer
 
 from bench.app.config import CONFIG_DIR, check_layer, check_seed, coerce, load_yaml, merge, parse_sets
+from bench.core import progress as prog
 from bench.core.errors import BenchError
 from bench.core.registry import METHODS, METRICS, REWARDS, TASKS
 
@@ -451,19 +452,6 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _say(line: str) -> None:
-    """One line on stderr, after closing any progress bar (so that the two never share a line)."""
-    tqdm_mod = sys.modules.get("tqdm")
-    if tqdm_mod is not None:
-        for bar in list(getattr(tqdm_mod.tqdm, "_instances", ())):
-            try:
-                bar.close()
-            except Exception:
-                pass
-    sys.stdout.flush()
-    print(line, file=sys.stderr, flush=True)
-
-
 def _log_traceback(args: list[str]) -> Path:
     """Write the current exception's traceback to <runs-dir>/_logs/<time>.log (a temp folder if that is
     not a writable folder) and return the file."""
@@ -507,21 +495,21 @@ def _run_app(args: list[str]) -> int:
         msg = _one_line(e.format_message()).rstrip(".")
         if msg.startswith("No such command"):
             msg += f" (commands: {', '.join(sorted(cmd.commands))})"
-        _say(f"error: {msg}; see '{where} --help'")
+        prog.final_line(f"error: {msg}; see '{where} --help'")
         return 2
     except clicks as e:  # e.g. a file option that cannot be opened
-        _say(f"error: {_one_line(e.format_message())}")
+        prog.final_line(f"error: {_one_line(e.format_message())}")
         return 2
     except BenchError as e:
-        _say(f"error: {_one_line(e)}")
+        prog.final_line(f"error: {_one_line(e)}")
         return 2
     except (KeyboardInterrupt, *aborts):
-        _say(INTERRUPTED)
+        prog.final_line(INTERRUPTED)
         return 130
     except Exception as e:
         path = _log_traceback(args)
         msg = _one_line(e)[:300]
-        _say(f"error: internal error ({type(e).__name__}: {msg}); full traceback in {path}")
+        prog.final_line(f"error: internal error ({type(e).__name__}: {msg}); full traceback in {path}")
         return 1
 
 
@@ -532,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = _run_app(args)
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
-        _say(INTERRUPTED)
+        prog.final_line(INTERRUPTED)
         code = 130
     raise SystemExit(code)
 

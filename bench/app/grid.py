@@ -92,6 +92,7 @@ from bench.app.config import (
     parse_sets,
     resolve,
 )
+from bench.core import progress as prog
 from bench.core.io import dump_json
 from bench.core import errors
 from bench.core.errors import BenchError
@@ -550,7 +551,7 @@ class CellJob:
             stop.install(sigs)
         d = Path(runs_root) / cfg.task / cfg.method / cfg.run_name()
         if (d / "checkpoint.pt").exists() and not (d / "final.json").exists():
-            _say(f"bench: {cfg.task}/{cfg.method}/{cfg.run_name()}: resuming from checkpoint.pt (log at iteration {_progress(d)[0]})",
+            prog.say(f"bench: {cfg.task}/{cfg.method}/{cfg.run_name()}: resuming from checkpoint.pt (log at iteration {_progress(d)[0]})",
                  sys.stderr if cluster else sys.stdout)  # a job's log; in this process, not an error line
         try:
             result = run_one(cfg, Path(runs_root), progress=self.progress, stop_when=stop.requested)
@@ -588,13 +589,6 @@ class CellJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(CellJob(self.threads, self.progress), cfg_dict, runs_root)
-
-
-def _say(msg: str, file: Any = None) -> None:
-    """A line (stderr by default) that never shares a line with a progress bar (tqdm clears and redraws them)."""
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=file or sys.stderr)
 
 
 # ---- manifests and cell states ------------------------------------------------------------------------------
@@ -907,7 +901,7 @@ def submit(cells: Sequence[Cell], root: Path, name: str, executor: str = "local"
     threads = max(1, (os.cpu_count() or 1) // min(max_parallel, len(todo))) if executor == "local" else None
     job = CellJob(threads, progress=progress and executor == "debug")
     show_bar = progress and (executor != "slurm" or wait)
-    with _cell_bar(len(todo), f"cells ({max_parallel} at a time)" if executor == "local" else "cells", show_bar) as sub.bar:
+    with prog.bar(f"cells ({max_parallel} at a time)" if executor == "local" else "cells", len(todo), show_bar, mininterval=0.1) as sub.bar:
         try:
             if executor == "slurm":
                 _run_slurm(sub, ex, job, todo, root, max_parallel, wait, poll_s)
@@ -923,21 +917,6 @@ def submit(cells: Sequence[Cell], root: Path, name: str, executor: str = "local"
                 sub.interrupted()
             raise
     return outcome
-
-
-@contextmanager
-def _cell_bar(total: int, desc: str, enabled: bool) -> Iterator[Any]:
-    """A progress bar of cells (None when disabled); closed on any exit, so that no message shares its line."""
-    if not enabled:
-        yield None
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
-    try:
-        yield bar
-    finally:
-        bar.close()
 
 
 def _run_slurm(sub: _Submission, ex: Any, job: CellJob, todo: list[Cell], root: Path, max_parallel: int, wait: bool, poll_s: float) -> None:

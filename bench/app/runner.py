@@ -26,20 +26,19 @@ import math
 import os
 import pickle
 import shutil
-import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from bench.app import results
 from bench.app.config import RunConfig
 from bench.core import distributed as dist
-from bench.core.cache import config_hash, show_progress
+from bench.core import progress as prog
+from bench.core.cache import config_hash
 from bench.core.clock import CallCounter, PhaseClock
 from bench.core.diffusion import alpha_sqdf_from_nats
 from bench.core.errors import BenchError
@@ -234,7 +233,7 @@ def run_one(cfg: RunConfig, root: Path, *, force: bool = False, progress: bool =
             raise BenchError(f"{d} holds a run with a different config; use another runs directory or --force")
     created = _claim_folder(d) if rank == 0 else []  # a file or an unwritable path fails now, not after the build
     try:
-        with show_progress(progress and rank == 0):
+        with prog.announcing(progress and rank == 0):
             st = _build(cfg, d, rank, world, progress=progress and rank == 0)
     except BaseException:
         _unclaim(created)
@@ -276,7 +275,7 @@ def _open_folder(st: RunState, force: bool) -> None:
     if st.main and not (d / "config.json").exists():
         dump_json(cfg.to_dict(), d / "config.json")
     dist.prepare_method(st.method, cfg.seed)  # multi-process: rank-0 weights, one random stream per rank
-    with show_progress(st.progress):
+    with prog.announcing(st.progress):
         st.ectx = EvalContext(st.task, cfg.reward, cfg.alpha)
     st.log = MetricLog(d / "metrics.jsonl")
 
@@ -418,7 +417,7 @@ def _save_checkpoint(st: RunState) -> None:
 
 def _evaluate(st: RunState, iteration: int, n: int, label: str) -> tuple[dict[str, float], dict[str, Any]]:
     """One logged evaluation (timed as "evaluation"), with a progress bar of its denoising steps."""
-    with st.clock("evaluation"), _bar(st.progress, f"{label} (sampling)", _eval_steps(st.task, n, st.cfg.sampler), 0) as bar:
+    with st.clock("evaluation"), prog.bar(f"{label} (sampling)", _eval_steps(st.task, n, st.cfg.sampler), st.progress) as bar:
         tick = _EvalTicker(bar, label) if bar is not None else None
         m, samples = evaluate(st.task, st.backbone, st.ectx, st.cfg.sampler, n, tick=tick)
         if st.cfg.train.plot and hasattr(st.task, "on_evaluation"):  # optional task hook, e.g. per-checkpoint sample grids
@@ -447,7 +446,7 @@ def _train(st: RunState, stop_after: int | None, stop_when: Callable[[], bool] |
     if st.iteration == 0 and st.main:
         _evaluate(st, 0, cfg.train.eval_samples, f"{name}: evaluation at iteration 0")
     done_this_call = 0
-    with _bar(st.progress, name, N, st.iteration) as bar, _logging_above(bar):
+    with prog.bar(name, N, st.progress, start=st.iteration) as bar:
         while st.iteration < N and not st.stopped_by_budget:
             if not _step(st):
                 break
@@ -527,34 +526,6 @@ def _finalize(st: RunState) -> results.FinalResult:
     return final
 
 
-# ---- progress ------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _bar(enabled: bool, desc: str, total: int | None, start: int, leave: bool = False) -> Iterator[Any]:
-    """A tqdm bar on stderr (None when disabled), closed however the block ends, so that no later
-    message shares its line."""
-    if not enabled:
-        yield None
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(desc=desc, total=total, initial=start, leave=leave, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-
-def _logging_above(bar: Any) -> Any:
-    """While a bar is shown, log records are written above it (tqdm.write), not onto its line."""
-    if bar is None:
-        return nullcontext()
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    return logging_redirect_tqdm()
-
-
 # ---- reference rows ----------------------------------------------------------------------------
 
 
@@ -588,14 +559,12 @@ def reference_rows(task_name: str, task_cfg: Any, reward: str, alpha: float, sam
     cached_rows = _read_reference_cache(path, key)
     if cached_rows is not None:
         return cached_rows
-    show = sys.stderr.isatty() if progress is None else progress
-    with show_progress(show):
+    with prog.announcing(progress):
         task = build_task(task_name, task_cfg)
         ctx = EvalContext(task, reward, alpha)
         backbone = task.build_backbone()
     rows: dict[str, dict[str, float]] = {}
-    with _bar(show, f"reference rows {task_name} {reward} α={alpha:g}", 4, 0) as bar:
-        step = bar.update if bar is not None else (lambda k: None)
+    with prog.ticks(f"reference rows {task_name} {reward} α={alpha:g}", 4, progress) as step:
         if task.target(reward, alpha, all_eval_prompts(task)[0]) is not None:
             rows["p* (closed form)"] = closed_form_row(ctx)
             ex = target_samples(ctx, n)

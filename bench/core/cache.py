@@ -8,23 +8,18 @@ loader (`bench.core.io.safe_torch_load`), so an entry never runs code. A file th
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import json
 import logging
 import os
-import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+from bench.core import progress
 from bench.core.errors import BenchError
 from bench.core.io import atomic_torch_save, safe_torch_load, unsafe_globals
 
 log = logging.getLogger(__name__)
-
-_progress: contextvars.ContextVar[bool | None] = contextvars.ContextVar("bench_cache_progress", default=None)
-
 
 def cache_dir() -> Path:
     """$BENCH_CACHE_DIR, else ~/.cache/diffusion-alignment-bench."""
@@ -34,17 +29,6 @@ def cache_dir() -> Path:
 def config_hash(config: dict[str, Any]) -> str:
     blob = json.dumps(config, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-@contextmanager
-def show_progress(enabled: bool | None) -> Iterator[None]:
-    """Within this block, `cached` announces the entries it builds on stderr (True), stays silent
-    (False, e.g. `--quiet`), or announces them only when stderr is a terminal (None, the default)."""
-    token = _progress.set(enabled)
-    try:
-        yield
-    finally:
-        _progress.reset(token)
 
 
 def cached(kind: str, config: dict[str, Any], build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -67,22 +51,12 @@ def cached(kind: str, config: dict[str, Any], build: Callable[[], dict[str, Any]
             unsafe = unsafe_globals(path)
             why = f"holds objects that are not loaded: {', '.join(unsafe[:3])}" if unsafe else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             log.warning("cache file %s is unreadable (%s); rebuilding it", path, why)
-    _announce(f"bench: building the {kind} cache entry once (stored in {path})")
+    progress.announce(f"bench: building the {kind} cache entry once (stored in {path})")
     obj = dict(build())
     obj["__config_hash__"] = h
     obj["__config__"] = json.loads(json.dumps(config, sort_keys=True, default=str))
     atomic_torch_save(obj, path)
     return obj
-
-
-def _announce(line: str) -> None:
-    """One line on stderr above any progress bar (tqdm.write), as `show_progress` allows."""
-    enabled = _progress.get()
-    if enabled is False or (enabled is None and not sys.stderr.isatty()):
-        return
-    from tqdm import tqdm
-
-    tqdm.write(line, file=sys.stderr)
 
 
 def cache_path(kind: str, config: dict[str, Any]) -> Path:

@@ -70,6 +70,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from bench.core import progress as prog
 from bench.core.cache import cache_folder, cache_path, cached
 from bench.core.io import atomic_torch_save, save_figure
 from bench.core.diffusion import NoiseSchedule, draw_noise, ode_x0, rollout
@@ -414,7 +415,7 @@ class DigitsTask(Task):
         c = self.cfg
 
         def build() -> dict[str, Any]:
-            with _bar(c.base_iterations, "digits: training the base ε-MLP", self.progress) as step:
+            with prog.ticks("digits: training the base ε-MLP", c.base_iterations, self.progress, mininterval=0.5) as step:
                 return train_base(c, self.data, self.schedule, step)
 
         def load(art: dict[str, Any]) -> EpsNet:
@@ -444,7 +445,7 @@ class DigitsTask(Task):
         if name == "classifier":
 
             def build() -> dict[str, Any]:
-                with _bar(s.iterations, "digits: fitting the classifier reward φ", self.progress) as step:
+                with prog.ticks("digits: fitting the classifier reward φ", s.iterations, self.progress, mininterval=0.5) as step:
                     net, last = fit_classifier(x, self.data.y_train, s, step)
                 return {"state_dict": net.state_dict(), "final_loss": last}
 
@@ -459,7 +460,7 @@ class DigitsTask(Task):
         mean, std = float(mass.mean()), float(mass.std())
 
         def build_aes() -> dict[str, Any]:
-            with _bar(s.iterations, "digits: fitting the aesthetic reward ψ", self.progress) as step:
+            with prog.ticks("digits: fitting the aesthetic reward ψ", s.iterations, self.progress, mininterval=0.5) as step:
                 net, last = fit_regressor(x, (mass - mean) / std, s, step)
             return {"state_dict": net.state_dict(), "final_loss": last, "mean": mean, "std": std}
 
@@ -494,7 +495,7 @@ class DigitsTask(Task):
             grid = self.schedule.grid(s.steps)
             out: dict[str, Tensor] = {}
             chunk = 2048
-            with _bar(len(DIGIT_PROMPTS) * c.sir_samples, "digits: sampling the SIR reference pool", self.progress) as step:
+            with prog.ticks("digits: sampling the SIR reference pool", len(DIGIT_PROMPTS) * c.sir_samples, self.progress, mininterval=0.5) as step:
                 for k, p in enumerate(DIGIT_PROMPTS):
                     g = torch.Generator().manual_seed(POOL_SEED + k)
                     parts = []
@@ -613,18 +614,6 @@ class DigitsTask(Task):
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _bar(total: int, desc: str, enabled: bool | None) -> Iterator[Callable[[int], None]]:
-    """A tqdm progress bar (enabled None: only on a terminal); yields its update function."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, disable=None if enabled is None else not enabled, dynamic_ncols=True, mininterval=0.5, leave=False)
-    try:
-        yield bar.update
-    finally:
-        bar.close()
 
 
 @contextmanager
