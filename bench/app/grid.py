@@ -848,7 +848,8 @@ class _Submission:
             if err[1]:
                 self.outcome.bad_input.add(c.rel())
             entry.update(outcome="failed", error=err[0])
-            self.say(f"FAILED  {c.label}: {err[0]}")
+            if not (err[1] and len(self.outcome.submitted) == 1):  # a lone cell's bad input is the final error line alone
+                self.say(f"FAILED  {c.label}: {err[0]}")
         if self.bar is not None:
             self.bar.update(1)
         dump_json(self.manifest, self.path)
