@@ -15,7 +15,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence
 
-import torch
 from torch import Tensor
 
 from bench.core.clock import PhaseClock
@@ -95,11 +94,3 @@ class CountingReward(RewardWrapper):
 
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()
-
-
-def reward_on(reward: Reward, x: Tensor, prompts: Sequence[str], grad: bool) -> Tensor:
-    """Score with or without a graph (evaluation never builds one)."""
-    if grad:
-        return reward(x, prompts)
-    with torch.no_grad():
-        return reward(x, prompts)
