@@ -497,7 +497,7 @@ def test_saved_lora_loads_into_a_diffusers_pipeline(cli_run: Path) -> None:
     assert float((after - before).abs().max()) > 1e-6
     # the pipeline's UNet now is the run's policy: compare with the checkpointed LoRA
     cfg = config_from_dict(json.loads((run / "config.json").read_text()))
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     from bench.app.runner import build_task
 
     bb = build_task(cfg.task, cfg.task_cfg).build_backbone()
