@@ -448,10 +448,6 @@ def _click_exceptions(name: str) -> tuple[type, ...]:
     return tuple(out)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _log_traceback(args: list[str]) -> Path:
     """Write the current exception's traceback to <runs-dir>/_logs/<time>.log (a temp folder if that is
     not a writable folder) and return the file."""
@@ -492,23 +488,23 @@ def _run_app(args: list[str]) -> int:
         return 0
     except usage as e:
         where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "bench"
-        msg = _one_line(e.format_message()).rstrip(".")
+        msg = prog.one_line(e.format_message()).rstrip(".")
         if msg.startswith("No such command"):
             msg += f" (commands: {', '.join(sorted(cmd.commands))})"
         prog.final_line(f"error: {msg}; see '{where} --help'")
         return 2
     except clicks as e:  # e.g. a file option that cannot be opened
-        prog.final_line(f"error: {_one_line(e.format_message())}")
+        prog.final_line(f"error: {prog.one_line(e.format_message())}")
         return 2
     except BenchError as e:
-        prog.final_line(f"error: {_one_line(e)}")
+        prog.final_line(f"error: {prog.one_line(e)}")
         return 2
     except (KeyboardInterrupt, *aborts):
         prog.final_line(INTERRUPTED)
         return 130
     except Exception as e:
         path = _log_traceback(args)
-        msg = _one_line(e)[:300]
+        msg = prog.one_line(e)[:300]
         prog.final_line(f"error: internal error ({type(e).__name__}: {msg}); full traceback in {path}")
         return 1
 

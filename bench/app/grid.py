@@ -993,12 +993,12 @@ def _stop_local(jobs: list[Any], grace_s: float = 15.0) -> None:
 def _failure(exc: BaseException) -> tuple[str, bool]:
     """(one line saying why a job failed, whether it failed on bad input: a BenchError)."""
     if isinstance(exc, BenchError):  # the user's one line, whole (it says what is accepted)
-        return _one_line(str(exc), limit=None), True
+        return prog.one_line(exc), True
     msg = str(exc).strip()
     if "has not produced any output" in msg:
         return "the job produced no result (killed or cancelled)", False
     if not type(exc).__module__.startswith("submitit"):  # raised in this process (debug executor)
-        return _one_line(f"{type(exc).__name__}: {msg}"), False
+        return prog.one_line(f"{type(exc).__name__}: {msg}", 300), False
     # submitit wraps the remote traceback: keep its last meaningful line
     lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not set(ln.strip()) <= {"-"}]
     tb = [ln for ln in lines if not ln.startswith(("You can check", "or at paths", "- /", "Job (task"))]
@@ -1007,13 +1007,8 @@ def _failure(exc: BaseException) -> tuple[str, bool]:
     if sep and head.startswith("bench.core.errors."):
         cls = getattr(errors, head.rsplit(".", 1)[1], None)
         if isinstance(cls, type) and issubclass(cls, BenchError):
-            return _one_line(text, limit=None), True
-    return _one_line(last), False
-
-
-def _one_line(text: str, limit: int | None = 300) -> str:
-    """Whitespace folded to one line; other exceptions' text cut at `limit` characters."""
-    return " ".join(text.split())[:limit]
+            return prog.one_line(text), True
+    return prog.one_line(last, 300), False
 
 
 def _job_error(job: Any, run_folder: Path, slurm_state: str | None = None) -> tuple[str, bool] | None:

@@ -53,6 +53,11 @@ def say(line: str, file: Any = None) -> None:
     tqdm.write(line, file=file or sys.stderr)
 
 
+def one_line(text: object, limit: int | None = None) -> str:
+    """`text` with its whitespace folded to single spaces (cut at `limit` characters, if given)."""
+    return " ".join(str(text).split())[:limit]
+
+
 def final_line(line: str) -> None:
     """A last line on stderr (an error, "interrupted"): every open bar is closed first."""
     tqdm_mod = sys.modules.get("tqdm")
